@@ -1,0 +1,1 @@
+"""Datasets, prompts and the synthetic multi-hop world (no JAX needed)."""

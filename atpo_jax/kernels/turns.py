@@ -1,0 +1,127 @@
+"""Turn segmentation, per-turn reductions and exact token entropy.
+
+A *turn* is one assistant generation inside a multi-turn agent response. In the padded training rows
+(DESIGN.md §2) the policy-sampled tokens have ``loss_mask == 1`` and tool results, inserted text and
+padding have ``loss_mask == 0``, so the turns of a row are the maximal runs of consecutive 1s of its
+mask (ALGORITHM.md §4.2; golden behaviour §9.6).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from atpo_jax.kernels._common import as_float, safe_divide
+
+
+def turn_ids_from_mask(loss_mask: chex.Array) -> chex.Array:
+    """Numbers the maximal runs of non-zero entries of each row: 0, 1, 2, ...; -1 elsewhere.
+
+    Args:
+      loss_mask: [S, L] bool/int/float mask; a non-zero entry marks a policy-sampled token.
+
+    Returns:
+      int32 [S, L]: ``turn_ids[s, t] = (number of runs of 1s in row s that start at or before t) - 1``
+      where ``loss_mask[s, t] != 0`` and -1 where it is 0.
+
+    Example: mask ``[0,1,1,0,0,1,0,1,1,1]`` -> ``[-1,0,0,-1,-1,1,-1,2,2,2]``, i.e. turns [1,3), [5,6),
+    [7,10).
+    """
+    chex.assert_rank(loss_mask, 2)
+    inside = jnp.asarray(loss_mask) != 0
+    inside_before = jnp.pad(inside[:, :-1], ((0, 0), (1, 0)))
+    starts = inside & ~inside_before
+    ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
+    return jnp.where(inside, ids, -1)
+
+
+def _flat_segment_ids(turn_ids: chex.Array, num_turns: int) -> tuple[chex.Array, chex.Array]:
+    """Maps (row, turn) to ``row * num_turns + turn``; out-of-range turns go to one extra bucket.
+
+    Returns the flat ids [S*L] and the validity mask [S, L] (``0 <= turn_id < num_turns``).
+    """
+    rows = turn_ids.shape[0]
+    valid = (turn_ids >= 0) & (turn_ids < num_turns)
+    row_offset = num_turns * jnp.arange(rows, dtype=jnp.int32)[:, None]
+    flat = jnp.where(valid, turn_ids + row_offset, rows * num_turns)
+    return flat.reshape(-1), valid
+
+
+def _segment_sums(values: chex.Array, flat_ids: chex.Array, num_segments: int) -> chex.Array:
+    """Sum of ``values`` per flat segment id (the last id is a discard bucket)."""
+    return jax.ops.segment_sum(values.reshape(-1), flat_ids, num_segments=num_segments + 1)[
+        :num_segments
+    ]
+
+
+def segment_mean(values: chex.Array, turn_ids: chex.Array, num_turns: int) -> chex.Array:
+    """Per-turn mean of ``values``.
+
+    Args:
+      values: [S, L] float values (e.g. token entropies or log-ratios).
+      turn_ids: [S, L] int turn index of each token, -1 for tokens outside every turn (as returned by
+        :func:`turn_ids_from_mask`).
+      num_turns: static int T, the number of turn slots to return. Turns with index >= T are not
+        represented in the output.
+
+    Returns:
+      [S, T] float: ``out[s, k] = mean{values[s, t] : turn_ids[s, t] == k}``, and 0 for a turn with no
+      tokens. Values at positions outside every turn never enter the result (even if NaN).
+    """
+    chex.assert_rank([values, turn_ids], 2)
+    chex.assert_equal_shape([values, turn_ids])
+    if int(num_turns) < 1:
+        raise ValueError(f"segment_mean: num_turns must be a positive static int, got {num_turns}")
+    num_turns = int(num_turns)
+    values = as_float(values)
+    rows = values.shape[0]
+    flat, valid = _flat_segment_ids(jnp.asarray(turn_ids), num_turns)
+    sums = _segment_sums(jnp.where(valid, values, 0), flat, rows * num_turns)
+    counts = _segment_sums(valid.astype(values.dtype), flat, rows * num_turns)
+    return safe_divide(sums, counts).reshape(rows, num_turns)
+
+
+def per_token_turn_mean(
+    values: chex.Array, weights: chex.Array, turn_ids: chex.Array
+) -> tuple[chex.Array, chex.Array]:
+    """Weighted mean of ``values`` over each token's turn, broadcast back to the token.
+
+    Args:
+      values: [S, L] float.
+      weights: [S, L] float token weights (the 0/1 loss mask); a token with weight 0 does not count.
+      turn_ids: [S, L] int turn of each token in [0, L), -1 outside every turn.
+
+    Returns:
+      ``(mean, num_turns)``: [S, L] float with ``mean[s, t] = sum_{u in turn(s,t)} w_u v_u /
+      sum_{u in turn(s,t)} w_u`` (0 outside turns and for weightless turns), and [S] int32 number of
+      turns in each row that hold at least one weighted token.
+    """
+    rows, length = values.shape
+    flat, valid = _flat_segment_ids(turn_ids, length)
+    weights = jnp.where(valid, weights, 0)
+    sums = _segment_sums(jnp.where(weights != 0, values * weights, 0), flat, rows * length)
+    counts = _segment_sums(weights, flat, rows * length)
+    turn_mean = safe_divide(sums, counts)
+    # Gather each token's turn mean; the discard bucket (index rows*length) reads 0.
+    per_token = jnp.append(turn_mean, 0)[flat].reshape(rows, length)
+    turns_per_row = jnp.sum((counts != 0).reshape(rows, length), axis=1, dtype=jnp.int32)
+    return per_token, turns_per_row
+
+
+def token_entropy(logits: chex.Array) -> chex.Array:
+    """Exact entropy (nats) of ``softmax(logits)`` along the last axis.
+
+    Args:
+      logits: [..., V] float logits; ``-inf`` entries (masked vocabulary) are allowed.
+
+    Returns:
+      [...] float32 ``H = -sum_v p_v log p_v`` with ``p = softmax(logits)``; terms with ``p_v = 0``
+      contribute 0, so masked vocabulary entries never produce NaN.
+    """
+    chex.assert_rank(logits, {1, 2, 3, 4})
+    logits = as_float(logits)
+    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    log_p = jnp.where(jnp.isneginf(logits), -jnp.inf, logits - log_norm)
+    p = jnp.exp(log_p)
+    return -jnp.sum(jnp.where(p > 0, p * log_p, 0), axis=-1)

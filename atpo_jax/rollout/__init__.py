@@ -1,0 +1,1 @@
+"""The JAX generation engine (KV-cache slots) and the host-side tree search loop."""

@@ -1,0 +1,1 @@
+"""RL step, optimizer, checkpoints, metrics, evaluation, mesh/sharding."""
