@@ -1,1 +1,37 @@
-"""Flax NNX decoder LMs (Qwen3, Qwen2/2.5, Llama 3), Hugging Face checkpoint I/O, log-probs."""
+"""Flax NNX decoder LMs (Qwen3, Qwen2/2.5, Llama 3), Hugging Face checkpoint I/O, log-probs.
+
+    from atpo_jax import models
+    model = models.from_pretrained("/ckpt/Qwen3-4B", dtype=jnp.bfloat16)
+    logits = model(input_ids, attention_mask)                    # [B, L] -> [B, L, V]
+    log_probs = models.token_log_probs(model, input_ids, targets, mask)
+    models.save_pretrained(model, "/out/policy")
+
+The KV-cache API (``KVCache``, ``init_cache``, ``forward_with_cache``, ``fork_slots``,
+``reset_slots``) is what the rollout engine builds on; see ``docs/models.md``.
+"""
+
+from atpo_jax.models.cache import KVCache, fork_slots, forward_with_cache, init_cache, reset_slots
+from atpo_jax.models.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from atpo_jax.models.config import ConfigError, ModelConfig, RopeScaling
+from atpo_jax.models.log_probs import log_probs_from_hidden, token_log_probs
+from atpo_jax.models.model import CausalLM, positions_from_mask
+from atpo_jax.models.tokenizer import load_tokenizer
+
+__all__ = [
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "fork_slots",
+    "forward_with_cache",
+    "from_pretrained",
+    "init_cache",
+    "load_tokenizer",
+    "log_probs_from_hidden",
+    "positions_from_mask",
+    "reset_slots",
+    "save_pretrained",
+    "token_log_probs",
+]

@@ -1,0 +1,154 @@
+"""KV-cache pool and cached forward pass, the substrate of the rollout engine.
+
+The cache is a fixed pool of ``num_slots`` sequences, each with room for ``max_len`` tokens, held as
+explicit arrays in a ``flax.struct.dataclass`` so it crosses ``jit`` (and can be donated) like any
+other pytree. Every operation is a pure function returning a new ``KVCache``:
+
+- ``forward_with_cache``: append T >= 1 tokens to each of B slots at that slot's own length
+  (prefill: a fresh slot and T prompt tokens; extend: more tokens, e.g. a tool result, without
+  recomputing the prefix; decode: T = 1) and return their logits;
+- ``fork_slots``: copy the first n positions of one slot into another (a tree branch);
+- ``reset_slots``: empty slots.
+
+Slot ``s`` stores its tokens at cache positions ``0 .. lengths[s]-1`` and the rotary position of a
+token equals its cache position, so there are no holes and no per-slot offsets to track.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from atpo_jax.models.config import ModelConfig
+from atpo_jax.models.layers import CacheView
+from atpo_jax.models.model import CausalLM
+
+
+@struct.dataclass
+class KVCache:
+    """A pool of per-slot key/value caches.
+
+    Attributes:
+      k: [layers, slots, max_len, kv_heads, head_dim] keys (after RoPE and, for Qwen3, k-norm).
+      v: [layers, slots, max_len, kv_heads, head_dim] values.
+      lengths: [slots] int32, number of valid positions per slot; entries past it are stale and
+        never attended to.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, num_slots: int, max_len: int, dtype=None) -> KVCache:
+    """An empty pool: zeros of shape [layers, num_slots, max_len, kv_heads, head_dim], lengths 0.
+
+    ``dtype`` defaults to the model's compute dtype.
+    """
+    shape = (config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim)
+    dtype = config.dtype if dtype is None else dtype
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        lengths=jnp.zeros((num_slots,), jnp.int32),
+    )
+
+
+def forward_with_cache(
+    model: CausalLM,
+    tokens: jax.Array,
+    cache: KVCache,
+    slots: jax.Array,
+    num_tokens: jax.Array | None = None,
+    *,
+    kv_len: int | None = None,
+    last_only: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """Appends tokens to cache slots and returns their next-token logits.
+
+    Row ``b`` appends ``tokens[b, :num_tokens[b]]`` to slot ``slots[b]``, at positions
+    ``cache.lengths[slots[b]] ...``; the new tokens attend causally to the slot's cached prefix and
+    to each other. Tokens past ``num_tokens[b]`` are right padding: not written, not counted. A row
+    with ``num_tokens[b] == 0`` leaves its slot untouched (a finished slot in a batched decode
+    step).
+
+    Args:
+      model: the LM.
+      tokens: [B, T] int token ids, right-padded per row.
+      cache: the pool.
+      slots: [B] int32 distinct slot indices.
+      num_tokens: [B] int32 real tokens per row; ``None`` = all T.
+      kv_len: static number of leading cache positions to attend over (a bucket <= ``max_len``;
+        every touched slot must satisfy ``lengths + num_tokens <= kv_len``). Default ``max_len``.
+        Smaller buckets make decode steps proportionally cheaper.
+      last_only: return only the logits of each row's last real token, [B, V] (what sampling needs,
+        without projecting T x V logits for a long prefill).
+
+    Returns:
+      (logits [B, T, V] or [B, V] in the compute dtype, updated cache). Logits at padding positions
+      are finite but meaningless. The caller must keep ``lengths + num_tokens <= max_len``:
+      positions past the end are dropped, not wrapped.
+    """
+    batch, steps = tokens.shape
+    max_len = cache.max_len
+    kv_len = max_len if kv_len is None else kv_len
+    if not 0 < kv_len <= max_len:
+        raise ValueError(f"kv_len={kv_len} must be in [1, max_len={max_len}]")
+    if num_tokens is None:
+        num_tokens = jnp.full((batch,), steps, jnp.int32)
+    slots = slots.astype(jnp.int32)
+    start = cache.lengths[slots]
+    offsets = jnp.arange(steps, dtype=jnp.int32)
+    positions = start[:, None] + offsets[None, :]  # [B, T]
+    real = offsets[None, :] < num_tokens[:, None]
+    new_lengths = start + num_tokens.astype(jnp.int32)
+    # Out-of-range index => the scatter drops the write (padding must not clobber real positions).
+    write_pos = jnp.where(real, positions, max_len)
+    key_pos = jnp.arange(kv_len, dtype=jnp.int32)
+    mask = (key_pos[None, None, :] <= positions[:, :, None]) & (
+        key_pos[None, None, :] < new_lengths[:, None, None]
+    )  # [B, T, kv_len]
+    view = CacheView(k=cache.k, v=cache.v, slots=slots, write_pos=write_pos, kv_len=kv_len)
+    hidden, view = model.hidden_states_with_cache(tokens, positions, mask[:, None], view)
+    if last_only:
+        last = jnp.maximum(num_tokens - 1, 0)
+        hidden = hidden[jnp.arange(batch), last]
+    logits = model.logits(hidden)
+    lengths = cache.lengths.at[slots].set(new_lengths)
+    return logits, KVCache(k=view.k, v=view.v, lengths=lengths)
+
+
+def fork_slots(cache: KVCache, src: jax.Array, dst: jax.Array, length: jax.Array) -> KVCache:
+    """Makes slot ``dst[i]`` a copy of the first ``length[i]`` positions of slot ``src[i]``.
+
+    Args:
+      cache: the pool.
+      src: [B] int32 source slots.
+      dst: [B] int32 distinct destination slots (``dst == src`` truncates in place).
+      length: [B] int32 prefix lengths, each <= the source slot's length.
+
+    Returns:
+      The updated pool; the destination slots' lengths are ``length``.
+    """
+    src = src.astype(jnp.int32)
+    dst = dst.astype(jnp.int32)
+    # Whole rows are copied: positions past `length` are stale and masked by `lengths` anyway.
+    return KVCache(
+        k=cache.k.at[:, dst].set(cache.k[:, src]),
+        v=cache.v.at[:, dst].set(cache.v[:, src]),
+        lengths=cache.lengths.at[dst].set(length.astype(jnp.int32)),
+    )
+
+
+def reset_slots(cache: KVCache, slots: jax.Array) -> KVCache:
+    """Empties [B] ``slots`` (sets their lengths to 0; the stale contents are never read)."""
+    return cache.replace(lengths=cache.lengths.at[slots].set(0))

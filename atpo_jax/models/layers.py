@@ -1,0 +1,221 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, a layer.
+
+Numerics follow transformers' PyTorch implementations of Qwen3 / Qwen2 / Llama so that logits agree
+to float32 rounding: RMSNorm normalises in float32 and casts back before the weight, RoPE uses the
+``rotate_half`` (split-halves) layout, attention scales by ``head_dim ** -0.5``.
+
+Shape letters: B batch, T query length, S key length, H hidden, N query heads, K key/value heads,
+D head_dim, F intermediate size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from atpo_jax.models.config import ModelConfig
+
+DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
+
+
+class RMSNorm(nnx.Module):
+    """``w * x / sqrt(mean(x^2) + eps)`` over the last axis, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, *, config: ModelConfig):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., dim] -> [..., dim] in ``x.dtype``."""
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        # Cast before the weight, as transformers does, so bf16 runs round at the same place.
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """[D/2] float32 inverse frequencies ``theta^(-2i/D)``, with the config's scaling applied.
+
+    Computed with NumPy at trace time (it depends only on the static config), in float32 like
+    transformers, including the Llama 3.1 ``llama3`` band-wise scaling.
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # llama3: long wavelengths slowed by `factor`, short ones kept, the band between interpolated.
+    factor = scaling.factor
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = (2 * np.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables for integer positions.
+
+    Args:
+      positions: [B, T] int32 positions.
+      config: supplies ``head_dim``, ``rope_theta`` and ``rope_scaling``.
+
+    Returns:
+      (cos, sin), each [B, T, D] float32, the two halves repeated (``rotate_half`` layout).
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [B, T, heads, D] ``x`` by [B, T, D] tables (float32 math, result in ``x.dtype``)."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def _linear(config: ModelConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        n_in,
+        n_out,
+        use_bias=bias,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=DEFAULT_INIT,
+        rngs=rngs,
+    )
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = _linear(config, h, f, False, rngs)
+        self.up_proj = _linear(config, h, f, False, rngs)
+        self.down_proj = _linear(config, f, h, False, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, T, H] -> [B, T, H]."""
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@struct.dataclass
+class CacheView:
+    """One cached forward's handle on the KV-cache pool, threaded through the layers.
+
+    ``k``/``v`` are the whole pool, [layers, slots, max_len, K, D]; each layer writes its new keys
+    and values at ``write_pos`` of rows ``slots`` and reads back the first ``kv_len`` positions of
+    those rows. ``write_pos`` holds ``max_len`` (out of range) for padding tokens, so the scatter
+    drops them rather than clamping them onto real positions.
+    """
+
+    k: jax.Array  # [layers, slots, max_len, K, D]
+    v: jax.Array  # [layers, slots, max_len, K, D]
+    slots: jax.Array  # [B] int32, distinct
+    write_pos: jax.Array  # [B, T] int32
+    layer: int = struct.field(pytree_node=False, default=0)
+    kv_len: int = struct.field(pytree_node=False, default=0)
+
+    def update(self, k_new: jax.Array, v_new: jax.Array) -> tuple[CacheView, jax.Array, jax.Array]:
+        """Writes [B, T, K, D] new keys/values; returns (view, [B, kv_len, K, D] keys, values)."""
+        idx = (self.layer, self.slots[:, None], self.write_pos)
+        k = self.k.at[idx].set(k_new.astype(self.k.dtype), mode="drop")
+        v = self.v.at[idx].set(v_new.astype(self.v.dtype), mode="drop")
+        keys = k[self.layer][self.slots, : self.kv_len].astype(k_new.dtype)
+        values = v[self.layer][self.slots, : self.kv_len].astype(v_new.dtype)
+        return self.replace(k=k, v=v), keys, values
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, q/k RMSNorm (Qwen3) and q/k/v biases (Qwen2)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        n, k, d, h = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+        self.q_proj = _linear(config, h, n * d, config.qkv_bias, rngs)
+        self.k_proj = _linear(config, h, k * d, config.qkv_bias, rngs)
+        self.v_proj = _linear(config, h, k * d, config.qkv_bias, rngs)
+        self.o_proj = _linear(config, n * d, h, config.o_bias, rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, config=config)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, config=config)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        cache: CacheView | None = None,
+    ) -> tuple[jax.Array, CacheView | None]:
+        """Attends [B, T, H] ``x`` to itself (or to the cache plus itself).
+
+        Args:
+          x: [B, T, H] hidden states.
+          cos, sin: [B, T, D] rotary tables for the T positions.
+          mask: [B, 1, T, S] bool, True = may attend; ``None`` = plain causal (S == T, no padding).
+          cache: when given, keys/values are read from the cache after this step's are written
+            (S = kv_len).
+
+        Returns:
+          ([B, T, H] output, updated cache view or None).
+        """
+        cfg = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache, k, v = cache.update(k, v)
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=mask is None,
+            implementation=cfg.attention_impl,
+        )
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config=config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, config=config
+        )
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        cache: CacheView | None = None,
+    ) -> tuple[jax.Array, CacheView | None]:
+        """[B, T, H] -> ([B, T, H], cache); arguments as in ``Attention.__call__``."""
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache

@@ -1,0 +1,154 @@
+"""The decoder-only causal LM (Qwen3, Qwen2/2.5, Llama 3) as a Flax NNX module.
+
+Attribute names mirror the Hugging Face module tree (``embed_tokens``,
+``layers.{i}.self_attn.q_proj``, ``norm``, ``lm_head``), so checkpoint I/O is a mechanical rename
+(see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atpo_jax.models.config import ModelConfig
+from atpo_jax.models.layers import DEFAULT_INIT, CacheView, DecoderLayer, RMSNorm, rope_cos_sin
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, L] 0/1 mask -> [B, L] int32 positions: 0, 1, 2, ... over the real tokens.
+
+    Padding before the first real token gets position 0 and padding after the last one repeats the
+    last position; neither is ever attended to, so their values only need to be finite. This is what
+    makes left-padded and right-padded batches give identical logits for the real tokens.
+    """
+    counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1)
+    return jnp.maximum(counts - 1, 0)
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, L] 0/1 mask -> [B, 1, L, L] bool: query i may see key j iff j <= i and key j is real."""
+    length = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only transformer LM.
+
+    Build a random one with ``CausalLM(config, rngs=nnx.Rngs(0))`` or load a checkpoint with
+    ``models.from_pretrained``. ``model(input_ids, attention_mask)`` returns logits;
+    ``hidden_states`` and ``logits`` split the call for callers (``token_log_probs``) that project
+    the vocabulary in chunks.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            embedding_init=DEFAULT_INIT,
+            rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config=config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                dtype=config.dtype,
+                param_dtype=config.param_dtype,
+                kernel_init=DEFAULT_INIT,
+                rngs=rngs,
+            )
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Next-token logits.
+
+        Args:
+          input_ids: [B, L] int token ids.
+          attention_mask: [B, L] 0/1 (1 = real token); ``None`` = no padding. Any contiguous padding
+            (left, right or both) is fine: positions are counted over the real tokens.
+
+        Returns:
+          [B, L, V] logits in the compute dtype; padded positions are finite but meaningless.
+        """
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """[B, L] ids (+ [B, L] mask) -> [B, L, H] final-normed hidden states (lm_head input)."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            mask = None  # pure causal: lets cuDNN use its causal flash kernel without a mask tensor
+        else:
+            positions = positions_from_mask(attention_mask)
+            mask = causal_padding_mask(attention_mask)
+        cos, sin = rope_cos_sin(positions, self.config)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = _run_layer(layer, x, cos, sin, mask, self.config.remat)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., H] final hidden states -> [..., V] logits (tied: ``embed_tokens.attend``)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection as a [H, V] array (the transposed embedding when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def hidden_states_with_cache(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: CacheView,
+    ) -> tuple[jax.Array, CacheView]:
+        """Forward pass that reads and writes a KV cache (engines call ``forward_with_cache``).
+
+        Args:
+          input_ids: [B, T] new tokens.
+          positions: [B, T] int32 absolute positions of the new tokens.
+          mask: [B, 1, T, kv_len] bool attention mask over cache positions.
+          cache: the pool view; each layer writes at ``cache.write_pos`` of ``cache.slots``.
+
+        Returns:
+          ([B, T, H] final-normed hidden states, updated view).
+        """
+        cos, sin = rope_cos_sin(positions, self.config)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, cos, sin, mask, cache.replace(layer=i))
+        return self.norm(x), cache
+
+
+def _call_layer(
+    layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    return layer(x, cos, sin, mask)[0]
+
+
+# Gradient checkpointing per layer: the backward pass recomputes a layer's activations from its
+# input, so training memory holds one [B, L, H] tensor per layer instead of every intermediate.
+_call_layer_remat = nnx.remat(_call_layer)
+
+
+def _run_layer(
+    layer: DecoderLayer,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array | None,
+    remat: bool,
+) -> jax.Array:
+    return (_call_layer_remat if remat else _call_layer)(layer, x, cos, sin, mask)
