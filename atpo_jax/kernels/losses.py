@@ -124,11 +124,20 @@ def atpo_policy_loss(
     log_ratio = jax.lax.stop_gradient(log_probs - old_log_probs)
     turn_log_ratio, turns_per_row = per_token_turn_mean(log_ratio, mask, jnp.asarray(turn_ids))
     loss_per_token, metrics = _clipped_sequence_objective(
-        turn_log_ratio, log_probs, old_log_probs, advantages, mask, clip_low, clip_high, max_log_ratio
+        turn_log_ratio,
+        log_probs,
+        old_log_probs,
+        advantages,
+        mask,
+        clip_low,
+        clip_high,
+        max_log_ratio,
     )
     row_has_tokens = (jnp.sum(mask, axis=-1) > 0).astype(mask.dtype)
     metrics["num_turns"] = masked_mean(turns_per_row.astype(mask.dtype), row_has_tokens)
-    metrics["single_turn_frac"] = masked_mean((turns_per_row == 1).astype(mask.dtype), row_has_tokens)
+    metrics["single_turn_frac"] = masked_mean(
+        (turns_per_row == 1).astype(mask.dtype), row_has_tokens
+    )
     return aggregate_loss(loss_per_token, mask, loss_agg), metrics
 
 
@@ -219,7 +228,9 @@ def ppo_policy_loss(
         dual_bound = -advantages * dual_clip
         negative = advantages < 0
         dual_active = (negative & (loss_per_token > dual_bound)).astype(mask.dtype)
-        loss_per_token = jnp.where(negative, jnp.minimum(loss_per_token, dual_bound), loss_per_token)
+        loss_per_token = jnp.where(
+            negative, jnp.minimum(loss_per_token, dual_bound), loss_per_token
+        )
     metrics = {
         "clipfrac": masked_mean((clipped > unclipped).astype(mask.dtype), mask),
         "clipfrac_lower": masked_mean(dual_active, mask),
@@ -331,4 +342,6 @@ def _is_static_number(value) -> bool:
 
 def _check_choice(setting: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{setting}={value!r} is not supported; choose one of {', '.join(choices)}")
+        raise ValueError(
+            f"{setting}={value!r} is not supported; choose one of {', '.join(choices)}"
+        )

@@ -31,7 +31,9 @@ def _check_tree(*arrays: chex.Array) -> None:
 
 def _check_choice(setting: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{setting}={value!r} is not supported; choose one of {', '.join(choices)}")
+        raise ValueError(
+            f"{setting}={value!r} is not supported; choose one of {', '.join(choices)}"
+        )
 
 
 def _child_matrix(parent: chex.Array, valid: chex.Array) -> chex.Array:

@@ -119,8 +119,9 @@ def token_entropy(logits: chex.Array) -> chex.Array:
       [...] float32 ``H = -sum_v p_v log p_v`` with ``p = softmax(logits)``; terms with ``p_v = 0``
       contribute 0, so masked vocabulary entries never produce NaN.
     """
-    chex.assert_rank(logits, {1, 2, 3, 4})
     logits = as_float(logits)
+    if logits.ndim < 1:
+        raise ValueError("token_entropy: logits must have a trailing vocabulary axis [..., V]")
     log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     log_p = jnp.where(jnp.isneginf(logits), -jnp.inf, logits - log_norm)
     p = jnp.exp(log_p)
