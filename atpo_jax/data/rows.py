@@ -1,0 +1,201 @@
+"""QA dataset rows in the ATPO/Search-R1 format, read from and written to parquet (pyarrow) or JSONL.
+
+A row (ALGORITHM.md §7)::
+
+    {"data_source": "hotpotqa",
+     "prompt": [{"role": "system", "content": "<instruction>\\nuser\\n<question>?"}],
+     "ability": "fact-reasoning",
+     "reward_model": {"style": "rule", "ground_truth": {"target": ["gold 1", "gold 2"]}},
+     "extra_info": {"split": "train", "index": 0, ...}}
+
+Other columns (the reference keeps FlashRAG's ``id``, ``question``, ``golden_answers``, ...) are ignored.
+A malformed row is an error naming the file and row number; rows are never skipped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model")
+_MAX_REPORTED = 10
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable, or has malformed rows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QARow:
+    """One question: where it comes from, its chat-message prompt and its gold answers."""
+
+    data_source: str
+    prompt: list[dict[str, str]]
+    golds: list[str]
+    ability: str = "fact-reasoning"
+    extra_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """The Search-R1/ATPO record for this row."""
+        return {
+            "data_source": self.data_source,
+            "prompt": [dict(m) for m in self.prompt],
+            "ability": self.ability,
+            "reward_model": {"style": "rule", "ground_truth": {"target": list(self.golds)}},
+            "extra_info": dict(self.extra_info),
+        }
+
+
+def _row_problem(record: Any) -> str | None:
+    """Why ``record`` is not a valid row, or None."""
+    if not isinstance(record, dict):
+        return f"expected an object, got {type(record).__name__}"
+    missing = [c for c in REQUIRED_COLUMNS if c not in record]
+    if missing:
+        if "question" in record and "golden_answers" in record:
+            return (
+                f"missing {missing}; this looks like FlashRAG JSONL, convert it with "
+                "`python -m atpo_jax.data.flashrag --input FILE --output OUT.parquet --data-source NAME`"
+            )
+        return f"missing field(s) {missing}"
+    if not isinstance(record["data_source"], str) or not record["data_source"]:
+        return "data_source must be a non-empty string"
+    prompt = record["prompt"]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return "prompt must be a non-empty list of {role, content} messages"
+    for m in prompt:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"prompt message {m!r:.80} has no string 'role'"
+        if not isinstance(m.get("content"), str):
+            return f"prompt message with role {m['role']!r} has no string 'content'"
+    try:
+        target = record["reward_model"]["ground_truth"]["target"]
+    except (TypeError, KeyError):
+        return "reward_model.ground_truth.target is missing"
+    if isinstance(target, str):
+        target = [target]
+    if not isinstance(target, (list, tuple)) or not target:
+        return f"reward_model.ground_truth.target must be a non-empty list of strings, got {target!r:.80}"
+    if not all(isinstance(t, str) for t in target):
+        return f"reward_model.ground_truth.target has a non-string entry: {target!r:.80}"
+    extra = record.get("extra_info")
+    if extra is not None and not isinstance(extra, dict):
+        return "extra_info must be an object"
+    return None
+
+
+def _row_from_record(record: dict[str, Any]) -> QARow:
+    target = record["reward_model"]["ground_truth"]["target"]
+    return QARow(
+        data_source=record["data_source"],
+        prompt=[{"role": m["role"], "content": m["content"]} for m in record["prompt"]],
+        golds=[target] if isinstance(target, str) else list(target),
+        ability=record.get("ability") or "fact-reasoning",
+        extra_info=dict(record.get("extra_info") or {}),
+    )
+
+
+def rows_from_records(
+    records: Sequence[Any], source: str, *, locations: Sequence[str] | None = None
+) -> list[QARow]:
+    """Validates records and converts them; ``source`` names the file in error messages.
+
+    Args:
+      records: the raw records.
+      source: file name for messages.
+      locations: where each record sits (``"line 7"``); defaults to ``"row i"`` (0-based).
+
+    Raises:
+      DatasetError: listing up to 10 bad rows with their location, and how many there are in total.
+    """
+    if locations is None:
+        locations = [f"row {i}" for i in range(len(records))]
+    rows, problems = [], []
+    for where, record in zip(locations, records, strict=True):
+        problem = _row_problem(record)
+        if problem is None:
+            rows.append(_row_from_record(record))
+        else:
+            problems.append(f"{source} {where}: {problem}")
+    if problems:
+        shown = "\n  ".join(problems[:_MAX_REPORTED])
+        extra = len(problems) - _MAX_REPORTED
+        more = f"\n  ... and {extra} more" if extra > 0 else ""
+        raise DatasetError(f"{len(problems)} malformed row(s):\n  {shown}{more}")
+    return rows
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[QARow]:
+    """Reads a ``.parquet`` or ``.jsonl`` dataset of ATPO/Search-R1 rows.
+
+    Errors name the file and the 0-based row index (parquet) or the 1-based line number (JSONL).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"dataset file {path!r} does not exist")
+    if path.endswith(".parquet"):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(f"{path}: not a readable parquet file ({e})") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise DatasetError(
+                f"{path}: missing column(s) {missing}; expected the ATPO/Search-R1 row format "
+                "(data_source, prompt, reward_model.ground_truth.target)"
+            )
+        wanted = [
+            c for c in (*REQUIRED_COLUMNS, "ability", "extra_info") if c in table.column_names
+        ]
+        return rows_from_records(table.select(wanted).to_pylist(), path)
+    if path.endswith(".jsonl"):
+        records, locations = [], []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path} line {lineno}: not valid JSON ({e})") from None
+                locations.append(f"line {lineno}")
+        return rows_from_records(records, path, locations=locations)
+    raise DatasetError(f"{path}: unsupported dataset file type; use .parquet or .jsonl")
+
+
+def _records_table(records: Sequence[dict[str, Any]]) -> pa.Table:
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    reward = pa.struct(
+        [("style", pa.string()), ("ground_truth", pa.struct([("target", pa.list_(pa.string()))]))]
+    )
+    columns = {
+        "data_source": pa.array([r["data_source"] for r in records], pa.string()),
+        "prompt": pa.array([r["prompt"] for r in records], pa.list_(message)),
+        "ability": pa.array([r["ability"] for r in records], pa.string()),
+        "reward_model": pa.array([r["reward_model"] for r in records], reward),
+        # extra_info differs between datasets; pyarrow infers one struct type over all rows.
+        "extra_info": pa.array([r["extra_info"] for r in records]),
+    }
+    return pa.table(columns)
+
+
+def write_rows(rows: Sequence[QARow], path: str | os.PathLike[str]) -> None:
+    """Writes rows as ``.parquet`` (Search-R1 schema) or ``.jsonl``; the same rows give the same bytes."""
+    path = os.fspath(path)
+    records = [row.to_record() for row in rows]
+    if path.endswith(".parquet"):
+        if not records:
+            raise DatasetError(f"refusing to write an empty dataset to {path}")
+        pq.write_table(_records_table(records), path)
+    elif path.endswith(".jsonl"):
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        raise DatasetError(f"{path}: unsupported dataset file type; use .parquet or .jsonl")

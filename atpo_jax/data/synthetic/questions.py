@@ -1,0 +1,179 @@
+"""Templated 1-, 2- and 3-hop questions over a synthetic :class:`~.world.World`, and their splits.
+
+A question names one subject entity and asks for the end of a chain of relations, e.g. "In which country was
+the founder of Velmora born?" = Velmora -founded_by-> Dravon -born_in-> Kelmi -located_in-> Norvia. Answering
+it takes one search per relation: search the subject, read the linked name, search that, and so on.
+
+Strictness: a question is kept only if its answer appears in no passage that mentions the subject or an
+intermediate entity other than the last one, so no search before the last hop can reveal the answer
+(BM25 only returns passages containing a query term, and every query is an entity name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections.abc import Sequence
+
+from atpo_jax.data.synthetic.world import RELATIONS, World
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    key: str
+    subject_kind: str
+    relations: tuple[str, ...]
+    text: str  # with "{}" for the subject name
+
+    @property
+    def hops(self) -> int:
+        return len(self.relations)
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        head, tail = self.text.split("{}")
+        return re.compile(re.escape(head) + r"(\w+)" + re.escape(tail) + r"$")
+
+
+TEMPLATES: tuple[Template, ...] = (
+    Template("person_city", "person", ("born_in",), "In which city was {} born?"),
+    Template("city_country", "city", ("located_in",), "In which country is {}?"),
+    Template("company_founder", "company", ("founded_by",), "Who founded {}?"),
+    Template("company_city", "company", ("based_in",), "In which city is {} based?"),
+    Template("country_capital", "country", ("capital",), "What is the capital of {}?"),
+    Template(
+        "person_country", "person", ("born_in", "located_in"), "In which country was {} born?"
+    ),
+    Template(
+        "founder_city",
+        "company",
+        ("founded_by", "born_in"),
+        "In which city was the founder of {} born?",
+    ),
+    Template(
+        "company_country", "company", ("based_in", "located_in"), "In which country is {} based?"
+    ),
+    Template(
+        "person_capital",
+        "person",
+        ("born_in", "located_in", "capital"),
+        "What is the capital of the country where {} was born?",
+    ),
+    Template(
+        "founder_country",
+        "company",
+        ("founded_by", "born_in", "located_in"),
+        "In which country was the founder of {} born?",
+    ),
+    Template(
+        "company_capital",
+        "company",
+        ("based_in", "located_in", "capital"),
+        "What is the capital of the country where {} is based?",
+    ),
+)
+TEMPLATES_BY_KEY = {t.key: t for t in TEMPLATES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    text: str
+    template: str
+    chain: tuple[str, ...]  # subject, intermediate entities, answer
+
+    @property
+    def subject(self) -> str:
+        return self.chain[0]
+
+    @property
+    def answer(self) -> str:
+        return self.chain[-1]
+
+    @property
+    def hops(self) -> int:
+        return len(self.chain) - 1
+
+
+def parse_question(text: str) -> tuple[Template, str]:
+    """The template and subject name of a synthetic question (``?`` optional, whitespace ignored)."""
+    text = " ".join(text.split())
+    if not text.endswith("?"):
+        text += "?"
+    for template in TEMPLATES:
+        match = template.pattern.match(text)
+        if match:
+            return template, match.group(1)
+    raise ValueError(f"not a synthetic-world question: {text!r}")
+
+
+def follow_chain(world: World, subject: str, relations: Sequence[str]) -> tuple[str, ...]:
+    chain = [subject]
+    for relation in relations:
+        chain.append(world.get(chain[-1]).fact(relation))
+    return tuple(chain)
+
+
+def is_strict(world: World, chain: Sequence[str]) -> bool:
+    """True when the answer is not in any passage mentioning chain[0..k-2] (see module docstring)."""
+    answer = chain[-1]
+    for name in chain[:-2]:
+        for entity in world.mentioned_in(name):
+            if entity.name == answer or any(obj == answer for _, obj in entity.facts):
+                return False
+    return answer not in chain[:-1]
+
+
+def generate_questions(world: World) -> list[Question]:
+    """Every (template, subject) question whose chain is strict, in world order then template order."""
+    questions = []
+    for entity in world.entities:
+        for template in TEMPLATES:
+            if template.subject_kind != entity.kind:
+                continue
+            chain = follow_chain(world, entity.name, template.relations)
+            if is_strict(world, chain):
+                questions.append(Question(template.text.format(entity.name), template.key, chain))
+    return questions
+
+
+def split_by_subject(
+    questions: Sequence[Question],
+    world: World,
+    rng: random.Random,
+    *,
+    validation_fraction: float,
+    test_fraction: float,
+) -> dict[str, list[Question]]:
+    """Train/validation/test splits with disjoint subjects, drawn per entity kind.
+
+    Holding out subjects (not just questions) means evaluation asks about entities the model never saw
+    as a question subject during training, so it must search rather than recall.
+    """
+    if not (0 <= validation_fraction < 1 and 0 <= test_fraction < 1):
+        raise ValueError(
+            f"validation_fraction and test_fraction must be in [0, 1), got "
+            f"{validation_fraction}, {test_fraction}"
+        )
+    if validation_fraction + test_fraction >= 1:
+        raise ValueError(
+            "validation_fraction + test_fraction must leave room for training questions"
+        )
+    split_of: dict[str, str] = {}
+    for kind in sorted({TEMPLATES_BY_KEY[q.template].subject_kind for q in questions}):
+        subjects = sorted({q.subject for q in questions if world.get(q.subject).kind == kind})
+        rng.shuffle(subjects)
+        n_val = round(len(subjects) * validation_fraction)
+        n_test = round(len(subjects) * test_fraction)
+        for i, subject in enumerate(subjects):
+            split_of[subject] = (
+                "validation" if i < n_val else "test" if i < n_val + n_test else "train"
+            )
+    splits: dict[str, list[Question]] = {"train": [], "validation": [], "test": []}
+    for q in questions:
+        splits[split_of[q.subject]].append(q)
+    return splits
+
+
+def relation_phrase(relation: str) -> str:
+    return RELATIONS[relation].phrase
