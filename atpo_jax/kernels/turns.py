@@ -49,10 +49,12 @@ def _flat_segment_ids(turn_ids: chex.Array, num_turns: int) -> tuple[chex.Array,
 
 
 def _segment_sums(values: chex.Array, flat_ids: chex.Array, num_segments: int) -> chex.Array:
-    """Sum of ``values`` per flat segment id (the last id is a discard bucket)."""
-    return jax.ops.segment_sum(values.reshape(-1), flat_ids, num_segments=num_segments + 1)[
-        :num_segments
-    ]
+    """Sum of ``values`` per flat segment id; entry ``num_segments`` is the discard bucket.
+
+    Returns ``num_segments + 1`` sums. Callers zero the values of discarded tokens, so the bucket
+    sums to 0.
+    """
+    return jax.ops.segment_sum(values.reshape(-1), flat_ids, num_segments=num_segments + 1)
 
 
 def segment_mean(values: chex.Array, turn_ids: chex.Array, num_turns: int) -> chex.Array:
@@ -79,7 +81,7 @@ def segment_mean(values: chex.Array, turn_ids: chex.Array, num_turns: int) -> ch
     flat, valid = _flat_segment_ids(jnp.asarray(turn_ids), num_turns)
     sums = _segment_sums(jnp.where(valid, values, 0), flat, rows * num_turns)
     counts = _segment_sums(valid.astype(values.dtype), flat, rows * num_turns)
-    return safe_divide(sums, counts).reshape(rows, num_turns)
+    return safe_divide(sums, counts)[:-1].reshape(rows, num_turns)
 
 
 def per_token_turn_mean(
@@ -103,9 +105,9 @@ def per_token_turn_mean(
     sums = _segment_sums(jnp.where(weights != 0, values * weights, 0), flat, rows * length)
     counts = _segment_sums(weights, flat, rows * length)
     turn_mean = safe_divide(sums, counts)
-    # Gather each token's turn mean; the discard bucket (index rows*length) reads 0.
-    per_token = jnp.append(turn_mean, 0)[flat].reshape(rows, length)
-    turns_per_row = jnp.sum((counts != 0).reshape(rows, length), axis=1, dtype=jnp.int32)
+    # Gather each token's turn mean; the discard bucket (index rows*length) holds 0.
+    per_token = turn_mean[flat].reshape(rows, length)
+    turns_per_row = jnp.sum((counts[:-1] != 0).reshape(rows, length), axis=1, dtype=jnp.int32)
     return per_token, turns_per_row
 
 

@@ -1,0 +1,32 @@
+"""Timing helpers shared by the benchmark scripts: warm-up, repeats, median wall time."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs.
+
+    JAX results are waited for (``block_until_ready``) so asynchronous dispatch is timed honestly.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_table(title: str, rows: list[tuple[str, float, str]]) -> None:
+    """Prints ``(name, seconds, note)`` rows as a fixed-width table."""
+    print(f"\n{title}")
+    print(f"  {'what':<58} {'ms':>10}  note")
+    for name, seconds, note in rows:
+        print(f"  {name:<58} {seconds * 1e3:>10.2f}  {note}")
