@@ -68,8 +68,8 @@ class RetrievalCache:
                     f"{self.path} line {lineno}: malformed cache record ({e}); delete the line or the file"
                 ) from None
             self._entries[key] = passages
-        if lines[-1].strip():
-            # Drop the partial line so the next append starts on a fresh line.
+        if lines[-1].strip() and self.mode == "record":
+            # Drop the partial line so the next append starts on a fresh line (replay never writes).
             with open(self.path, "r+", encoding="utf-8") as f:
                 f.truncate(len("\n".join(lines[:-1]).encode()) + (1 if len(lines) > 1 else 0))
 

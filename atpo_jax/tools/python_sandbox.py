@@ -90,8 +90,13 @@ def _read_head(path: str, max_chars: int) -> tuple[str, bool]:
     return text[:max_chars], more
 
 
-def _tail(text: str, max_chars: int) -> str:
-    return text if len(text) <= max_chars else "..." + text[-max_chars:]
+def _read_tail(path: str, max_chars: int) -> str:
+    """Last ``max_chars`` characters of a file (where a traceback's final error line is)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 4 * max_chars))
+        text = f.read().decode("utf-8", errors="replace")
+    return text if len(text) <= max_chars and size <= 4 * max_chars else "..." + text[-max_chars:]
 
 
 class PythonTool:
@@ -183,7 +188,7 @@ class PythonTool:
     def _report(self, returncode: int, timed_out: bool, out_path: str, err_path: str) -> ToolResult:
         cfg = self.config
         stdout, stdout_cut = _read_head(out_path, cfg.max_output_chars)
-        stderr, _ = _read_head(err_path, cfg.max_output_chars)
+        stderr = _read_tail(err_path, cfg.max_output_chars)
         if stdout_cut:
             stdout += TRUNCATION_MARK
         if timed_out:
@@ -219,7 +224,7 @@ class PythonTool:
         if status != "ok":
             parts.append(note)
             if stderr.strip():
-                parts.append(_tail(stderr.rstrip("\n"), cfg.max_output_chars))
+                parts.append(stderr.rstrip("\n"))
         text = "\n".join(parts) if parts else "Execution finished with no output."
         return ToolResult(ok=True, text=text, status=status, error=None if status == "ok" else note)
 

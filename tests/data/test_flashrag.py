@@ -1,0 +1,92 @@
+"""FlashRAG JSONL -> rows."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from atpo_jax.data import DatasetError, build_messages, convert_flashrag, read_rows
+from atpo_jax.data.flashrag import main
+
+
+def write_flashrag(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_conversion_builds_reference_rows(tmp_path):
+    src = tmp_path / "dev.jsonl"
+    write_flashrag(
+        src,
+        [
+            {
+                "id": "a1",
+                "question": " who wrote Hamlet ",
+                "golden_answers": ["Shakespeare", "W. Shakespeare"],
+            },
+            {
+                "id": "a2",
+                "question": "Is Paris in France?",
+                "golden_answers": "yes",
+                "metadata": {},
+            },
+        ],
+    )
+    out = tmp_path / "dev.parquet"
+    assert convert_flashrag(src, out, data_source="hotpotqa", split="test") == 2
+    rows = read_rows(out)
+    assert [r.data_source for r in rows] == ["hotpotqa", "hotpotqa"]
+    assert rows[0].prompt == build_messages("who wrote Hamlet", "paper")
+    assert rows[0].golds == ["Shakespeare", "W. Shakespeare"] and rows[1].golds == ["yes"]
+    assert rows[0].extra_info == {
+        "split": "test",
+        "index": 0,
+        "question": "who wrote Hamlet?",
+        "id": "a1",
+    }
+
+
+def test_bad_records_are_listed_with_lines(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"question": "q", "golden_answers": ["a"]}\n{"question": ""}\nnot json\n')
+    with pytest.raises(DatasetError) as info:
+        convert_flashrag(src, tmp_path / "o.jsonl", data_source="x")
+    message = str(info.value)
+    assert f"{src} line 2: missing non-empty string 'question'" in message
+    assert f"{src} line 3: not valid JSON" in message
+
+
+def test_cli(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_flashrag(src, [{"question": "q", "golden_answers": ["a"]}])
+    main(
+        [
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--data-source",
+            "nq",
+            "--prompt-style",
+            "short",
+        ]
+    )
+    assert "wrote 1 rows" in capsys.readouterr().out
+    assert read_rows(tmp_path / "o.jsonl")[0].prompt == build_messages("q", "short")
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atpo_jax.data.flashrag",
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--output",
+            str(tmp_path / "x.parquet"),
+            "--data-source",
+            "nq",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 1 and "missing.jsonl' does not exist" in failed.stderr

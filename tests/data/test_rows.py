@@ -1,0 +1,132 @@
+"""ATPO/Search-R1 rows: parquet and JSONL reading/writing, malformed rows reported with file and row."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from atpo_jax.data import DatasetError, QARow, build_messages, read_rows, write_rows
+
+
+def reference_record(i, target):
+    """A row as the reference data builders write it, FlashRAG columns included."""
+    return {
+        "id": f"q{i}",
+        "question": f"question {i}",
+        "golden_answers": target,
+        "data_source": "hotpotqa",
+        "prompt": [{"role": "system", "content": f"instruction\nuser\nquestion {i}?"}],
+        "ability": "fact-reasoning",
+        "reward_model": {"style": "rule", "ground_truth": {"target": target}},
+        "extra_info": {"split": "train", "index": i},
+    }
+
+
+def test_reads_reference_parquet(tmp_path):
+    path = tmp_path / "train.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([reference_record(0, ["Paris"]), reference_record(1, ["a", "b"])]),
+        path,
+    )
+    rows = read_rows(path)
+    assert rows == [
+        QARow(
+            "hotpotqa",
+            [{"role": "system", "content": "instruction\nuser\nquestion 0?"}],
+            ["Paris"],
+            "fact-reasoning",
+            {"split": "train", "index": 0},
+        ),
+        QARow(
+            "hotpotqa",
+            [{"role": "system", "content": "instruction\nuser\nquestion 1?"}],
+            ["a", "b"],
+            "fact-reasoning",
+            {"split": "train", "index": 1},
+        ),
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_round_trip(tmp_path, suffix):
+    rows = [
+        QARow(
+            "nq", build_messages("who", "short"), ["x"], extra_info={"split": "test", "index": 0}
+        ),
+        QARow(
+            "nq",
+            build_messages("what", "paper"),
+            ["y", "z"],
+            extra_info={"split": "test", "index": 1},
+        ),
+    ]
+    path = tmp_path / f"rows{suffix}"
+    write_rows(rows, path)
+    assert read_rows(path) == rows
+    first = path.read_bytes()
+    write_rows(rows, path)
+    assert path.read_bytes() == first  # deterministic bytes
+
+
+def test_string_target_is_accepted(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(reference_record(0, "Paris")) + "\n")
+    assert read_rows(path)[0].golds == ["Paris"]
+
+
+def test_malformed_parquet_rows_name_file_and_row(tmp_path):
+    records = [reference_record(0, ["ok"]), reference_record(1, []), reference_record(2, ["ok"])]
+    records[2]["prompt"] = []
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    with pytest.raises(DatasetError) as info:
+        read_rows(path)
+    message = str(info.value)
+    assert message.startswith("2 malformed row(s):")
+    assert f"{path} row 1: reward_model.ground_truth.target must be a non-empty list" in message
+    assert f"{path} row 2: prompt must be a non-empty list" in message
+
+
+def test_malformed_jsonl_rows_name_file_and_line(tmp_path):
+    good = json.dumps(reference_record(0, ["ok"]))
+    no_role = reference_record(1, ["ok"])
+    no_role["prompt"] = [{"content": "x"}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n\n" + json.dumps(no_role) + "\n" + "{oops\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl line 4: not valid JSON"):
+        read_rows(path)
+    path.write_text(good + "\n\n" + json.dumps(no_role) + "\n")
+    with pytest.raises(
+        DatasetError, match=r"bad.jsonl line 3: prompt message .* has no string 'role'"
+    ):
+        read_rows(path)
+
+
+def test_flashrag_jsonl_gets_a_conversion_hint(tmp_path):
+    path = tmp_path / "flashrag.jsonl"
+    path.write_text(json.dumps({"id": "1", "question": "q", "golden_answers": ["a"]}) + "\n")
+    with pytest.raises(DatasetError, match="python -m atpo_jax.data.flashrag"):
+        read_rows(path)
+
+
+def test_missing_columns_file_and_type(tmp_path):
+    path = tmp_path / "cols.parquet"
+    pq.write_table(pa.table({"data_source": ["x"]}), path)
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['prompt', 'reward_model'\]"):
+        read_rows(path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_rows(tmp_path / "none.parquet")
+    (tmp_path / "rows.csv").write_text("a,b\n")
+    with pytest.raises(DatasetError, match="use .parquet or .jsonl"):
+        read_rows(tmp_path / "rows.csv")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DatasetError, match="not a readable parquet file"):
+        read_rows(tmp_path / "junk.parquet")
+
+
+def test_many_bad_rows_are_counted(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"data_source": "x"}) + "\n" for _ in range(15)))
+    with pytest.raises(DatasetError, match=r"15 malformed row\(s\)[\s\S]*\.\.\. and 5 more"):
+        read_rows(path)
