@@ -153,8 +153,13 @@ class LocalBM25Retriever:
             if not ids:
                 results.append([])
                 continue
-            scores = np.asarray(self._model.get_scores_from_ids(ids), dtype=np.float64)
+            scores = np.asarray(self._model.get_scores_from_ids(ids))
             matched = np.flatnonzero(scores > 0)
+            if len(matched) > topk:
+                # Keep only candidates at least as good as the k-th best score (ties included), so the
+                # exact sort below is over ~k documents instead of every document sharing a term.
+                kth_best = np.partition(scores[matched], len(matched) - topk)[len(matched) - topk]
+                matched = matched[scores[matched] >= kth_best]
             # lexsort sorts by the last key first: score descending, then document index ascending.
             order = matched[np.lexsort((matched, -scores[matched]))][:topk]
             results.append([Passage(document=self.rows[i], score=float(scores[i])) for i in order])

@@ -148,3 +148,24 @@ def test_tools_rewards_data_never_import_jax(corpus):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_topk_selection_matches_a_full_sort(tmp_path):
+    # Few distinct words -> many exactly tied scores; the fast top-k must equal sorting everything.
+    import random
+
+    rng = random.Random(0)
+    words = ["ant", "bee", "cat", "dog", "eel"]
+    rows = [
+        {"id": str(i), "contents": " ".join(rng.choices(words, k=rng.randint(1, 4)))}
+        for i in range(200)
+    ]
+    path = tmp_path / "ties.jsonl"
+    write_corpus(rows, path)
+    retriever = LocalBM25Retriever(path)
+    for query in ("ant", "bee cat", "dog eel ant", "cat cat"):
+        ids = [retriever._vocab[t] for t in retriever._tokenize([query])[0]]
+        scores = retriever._model.get_scores_from_ids(ids)
+        brute = sorted((i for i in range(200) if scores[i] > 0), key=lambda i: (-scores[i], i))
+        for k in (1, 3, 10, 500):
+            assert [int(h.id) for h in retriever.search([query], k)[0]] == brute[:k]
