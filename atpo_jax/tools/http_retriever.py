@@ -100,6 +100,9 @@ class HttpRetriever:
       max_in_flight: concurrent requests to the server.
       cache_path: optional record/replay cache file (see :mod:`atpo_jax.tools.cache`).
       cache_mode: ``"record"`` or ``"replay"`` (replay never contacts the service).
+      trust_env: honour ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` from the environment. Off by default
+        because a retrieval service is normally on the same host or cluster, and a proxy setting meant
+        for downloads would otherwise capture loopback traffic.
 
     ``search`` raises :class:`~atpo_jax.tools.base.RetrievalError` after the retry budget is spent, and never
     blocks longer than :meth:`RetryPolicy.deadline_s` plus the batching wait.
@@ -115,6 +118,7 @@ class HttpRetriever:
         max_in_flight: int = 4,
         cache_path: str | os.PathLike[str] | None = None,
         cache_mode: str = "record",
+        trust_env: bool = False,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -143,7 +147,7 @@ class HttpRetriever:
             limits=httpx.Limits(
                 max_connections=max_in_flight, max_keepalive_connections=max_in_flight
             ),
-            trust_env=False,  # never route a loopback retriever through an HTTP proxy from the environment
+            trust_env=trust_env,
         )
         self._senders = concurrent.futures.ThreadPoolExecutor(
             max_in_flight, thread_name_prefix="retrieve-send"

@@ -214,7 +214,7 @@ class PythonTool:
         elif returncode < 0:
             status, note = (
                 "error",
-                f"Execution killed by signal {signal.Signals(-returncode).name}.",
+                f"Execution killed by signal {_signal_name(-returncode)}.",
             )
         elif returncode != 0:
             status, note = "error", "Execution error."
@@ -227,6 +227,13 @@ class PythonTool:
                 parts.append(stderr.rstrip("\n"))
         text = "\n".join(parts) if parts else "Execution finished with no output."
         return ToolResult(ok=True, text=text, status=status, error=None if status == "ok" else note)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time or platform-specific signal without a name
+        return str(number)
 
 
 def _kill_group(pgid: int) -> None:

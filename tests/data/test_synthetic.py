@@ -252,6 +252,24 @@ def test_word_tokenizer(world_files, world_tokenizer, world):
     )
 
 
+def test_tokenizer_survives_save_pretrained(world_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    world_tokenizer.save_pretrained(tmp_path / "copy")
+    copy = AutoTokenizer.from_pretrained(tmp_path / "copy", local_files_only=True)
+    messages = [{"role": "system", "content": "Who founded Foo?"}]
+    text = "<think> a </think> <search> b </search>"
+    assert copy.encode(text) == world_tokenizer.encode(text)
+    assert copy.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+        world_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    )
+    assert (copy.eos_token_id, copy.pad_token_id, len(copy)) == (
+        world_tokenizer.eos_token_id,
+        world_tokenizer.pad_token_id,
+        len(world_tokenizer),
+    )
+
+
 def test_paper_prompt_style_fits_the_vocabulary(tmp_path):
     files = build_synthetic_world(
         tmp_path / "paper",

@@ -177,3 +177,8 @@ def test_strip_code_fence():
 def test_bad_config_values():
     with pytest.raises(ValueError, match="timeout_s"):
         PythonSandboxConfig(timeout_s=0)
+
+
+def test_killed_by_a_signal(tool):
+    result = tool.run("import signal, os\nsignal.raise_signal(signal.SIGSEGV)")
+    assert result.status == "error" and result.text == "Execution killed by signal SIGSEGV."
