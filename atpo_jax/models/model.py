@@ -12,7 +12,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atpo_jax.models.config import ModelConfig
-from atpo_jax.models.layers import DEFAULT_INIT, CacheView, DecoderLayer, RMSNorm, rope_cos_sin
+from atpo_jax.models.layers import (
+    DEFAULT_INIT,
+    CacheView,
+    DecoderLayer,
+    Linear,
+    RMSNorm,
+    matmul,
+    rope_cos_sin,
+)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -55,14 +63,8 @@ class CausalLM(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config=config)
         if not config.tie_word_embeddings:
-            self.lm_head = nnx.Linear(
-                config.hidden_size,
-                config.vocab_size,
-                use_bias=False,
-                dtype=config.dtype,
-                param_dtype=config.param_dtype,
-                kernel_init=DEFAULT_INIT,
-                rngs=rngs,
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, False, config=config, rngs=rngs
             )
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -96,10 +98,9 @@ class CausalLM(nnx.Module):
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """[..., H] final hidden states -> [..., V] logits (tied: ``embed_tokens.attend``)."""
-        if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+        """[..., H] final hidden states -> [..., V] logits (tied: the embedding transposed)."""
+        dtype = self.config.dtype
+        return matmul(hidden.astype(dtype), self.lm_head_weight().astype(dtype))
 
     def lm_head_weight(self) -> jax.Array:
         """The output projection as a [H, V] array (the transposed embedding when tied)."""

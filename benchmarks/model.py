@@ -1,0 +1,355 @@
+"""Model benchmark: training throughput against transformers (PyTorch) and log-prob memory.
+
+1. Forward+backward tokens/s of our model versus transformers' PyTorch implementation (eager, CPU),
+   same Qwen3-shaped random weights (ours is loaded from the transformers checkpoint), same batch,
+   same loss (mean next-token cross-entropy over the full logits), measured in one run and printed
+   as a ratio. Our training path (``token_log_probs``, chunked) is timed as well.
+2. Compile-time temporary memory (``jit(...).lower(...).compile().memory_analysis()``) of the
+   gradient of ``log_probs_from_hidden`` (chunked) versus a naive ``log_softmax`` over full logits,
+   across vocabulary sizes and lengths up to Qwen3's 152k x 8k. Nothing is allocated: shapes only.
+3. ``--gpu`` (only with a GPU): bf16 training-step MFU of a Qwen3-0.6B-shaped random model
+   (float32 master weights, bfloat16 compute, cuDNN attention, AdamW).
+
+Run: ``python benchmarks/model.py [--hidden 256 --layers 4 --seq 256 --batch 8 --vocab 8192]``
+and on a GPU machine ``python benchmarks/model.py --gpu [--gpu-batch 8 --gpu-seq 4096 --remat]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402
+
+from atpo_jax import models  # noqa: E402
+
+# Dense bf16 peak FLOP/s per device, by substring of ``device.device_kind``.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v6": 918e12,
+}
+
+
+def qwen3_hf_config(
+    *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, ffn: int
+):
+    """A transformers Qwen3Config (imported lazily: only the comparison needs transformers)."""
+    import transformers
+
+    return transformers.Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. CPU throughput versus transformers.
+
+
+def _next_token_batch(vocab: int, batch: int, seq: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def torch_step(torch_model, ids: np.ndarray, targets: np.ndarray):
+    """A forward+backward step of transformers' model (eager) with cross-entropy, as a closure."""
+    import torch
+
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    targets_t = torch.tensor(targets, dtype=torch.long)
+    torch_model.train()
+
+    def step():
+        torch_model.zero_grad(set_to_none=True)
+        logits = torch_model(ids_t).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets_t.reshape(-1)
+        )
+        loss.backward()
+        return None
+
+    return step
+
+
+def jax_step(model: models.CausalLM, ids, targets, chunked: bool):
+    """A jitted forward+backward step (gradients w.r.t. all parameters), as a closure."""
+    graphdef, params = nnx.split(model)
+    ids, targets = jnp.asarray(ids), jnp.asarray(targets)
+
+    def loss_fn(params):
+        m = nnx.merge(graphdef, params)
+        if chunked:
+            return -jnp.mean(models.token_log_probs(m, ids, targets, chunk=1024))
+        logp = jax.nn.log_softmax(m(ids).astype(jnp.float32), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+    grad_step = jax.jit(jax.value_and_grad(loss_fn))
+    return lambda: grad_step(params)
+
+
+def interleaved_seconds(
+    steps: dict[str, object], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds per call of each closure, the closures timed in turn within each repeat so a
+    change in machine load affects all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            jax.block_until_ready(step())
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cpu_comparison(args: argparse.Namespace) -> None:
+    import torch
+    import transformers
+
+    heads = max(1, args.hidden // 64)
+    hf_config = qwen3_hf_config(
+        vocab=args.vocab,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=heads,
+        kv_heads=max(1, heads // 2),
+        head_dim=64,
+        ffn=3 * args.hidden,
+    )
+    torch.manual_seed(0)
+    torch_model = transformers.Qwen3ForCausalLM(hf_config)  # default (sdpa) attention, eager mode
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_model.save_pretrained(tmp)
+        model = models.from_pretrained(tmp)
+    ids, targets = _next_token_batch(args.vocab, args.batch, args.seq)
+
+    # Same function first: the comparison is only meaningful if both compute the same logits.
+    with torch.no_grad():
+        want = torch_model.eval()(torch.tensor(ids[:1], dtype=torch.long)).logits.numpy()
+    got = np.asarray(jax.jit(lambda x: model(x))(jnp.asarray(ids[:1])))
+    max_diff = float(np.abs(got - want).max())
+
+    tokens = args.batch * args.seq
+    names = {
+        "torch": "transformers PyTorch eager, cross-entropy",
+        "full": "atpo_jax jit, cross-entropy on full logits",
+        "chunked": "atpo_jax jit, token_log_probs (chunked)",
+    }
+    seconds = interleaved_seconds(
+        {
+            "torch": torch_step(torch_model, ids, targets),
+            "full": jax_step(model, ids, targets, chunked=False),
+            "chunked": jax_step(model, ids, targets, chunked=True),
+        },
+        args.repeats,
+    )
+
+    print(
+        f"\nForward+backward, Qwen3-shaped: hidden {args.hidden}, {args.layers} layers, {heads} heads"
+        f" (kv {max(1, heads // 2)}), head_dim 64, vocab {args.vocab}; batch {args.batch} x seq"
+        f" {args.seq}; {jax.default_backend()} ({os.cpu_count()} cores),"
+        f" torch threads {torch.get_num_threads()}; max |logit diff| {max_diff:.1e}"
+    )
+    print(f"  {'implementation':<52} {'ms/step':>9} {'tokens/s':>10} {'vs torch':>9}")
+    for key, name in names.items():
+        t = seconds[key]
+        print(f"  {name:<52} {t * 1e3:>9.1f} {tokens / t:>10.0f} {seconds['torch'] / t:>8.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. token_log_probs memory.
+
+
+def _temp_bytes(fn, batch: int, length: int, width: int, vocab: int) -> int:
+    args = (
+        jax.ShapeDtypeStruct((batch, length, width), jnp.bfloat16),
+        jax.ShapeDtypeStruct((width, vocab), jnp.bfloat16),
+        jax.ShapeDtypeStruct((batch, length), jnp.int32),
+    )
+    compiled = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def memory_table(chunk: int, width: int) -> None:
+    def chunked(h, w, t):
+        return models.log_probs_from_hidden(h, w, t, chunk=chunk).sum()
+
+    def naive(h, w, t):
+        logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, t[..., None], axis=-1).sum()
+
+    print(
+        f"\ntoken_log_probs head, gradient w.r.t. hidden and lm_head (bf16 inputs, hidden {width},"
+        f" batch 1): compile-time temp memory, {jax.default_backend()}"
+    )
+    print(
+        f"  {'vocab':>7} {'length':>7} {'f32 logits MB':>14} {'naive MB':>10}"
+        f" {f'chunked({chunk}) MB':>18}"
+    )
+    for vocab in (32_000, 151_936):
+        for length in (1024, 8192):
+            naive_mb = _temp_bytes(naive, 1, length, width, vocab) / 2**20
+            chunk_mb = _temp_bytes(chunked, 1, length, width, vocab) / 2**20
+            logits_mb = length * vocab * 4 / 2**20
+            print(
+                f"  {vocab:>7} {length:>7} {logits_mb:>14.0f} {naive_mb:>10.0f} {chunk_mb:>18.0f}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. GPU training-step MFU.
+
+
+def qwen3_0p6b_config(**runtime) -> models.ModelConfig:
+    """Qwen3-0.6B's architecture (its published config.json), random weights."""
+    return models.ModelConfig(
+        model_type="qwen3",
+        vocab_size=151_936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm=True,
+        max_position_embeddings=40960,
+        **runtime,
+    )
+
+
+def train_flops_per_token(config: models.ModelConfig, seq: int) -> float:
+    """6 x matmul parameters (lm_head included, embedding lookup excluded) + causal attention.
+
+    Attention scores and the weighted sum are 2 matmuls of 2·seq·(heads·head_dim) FLOPs per token
+    forward, halved for the causal mask, x3 for forward+backward: 6·layers·seq·heads·head_dim.
+    """
+    c = config
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    matmul_params = c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+    return 6 * matmul_params + 6 * c.num_layers * seq * c.num_heads * c.head_dim
+
+
+def train_step_mfu(
+    config: models.ModelConfig, batch: int, seq: int, repeats: int, peak_flops: float | None
+) -> dict[str, float]:
+    """Times a full AdamW training step (loss = -mean token log-prob) and returns MFU figures."""
+    import optax
+
+    model = nnx.jit(lambda: models.CausalLM(config, rngs=nnx.Rngs(0)))()
+    graphdef, params = nnx.split(model)
+    tx = optax.adamw(1e-5)
+    opt_state = jax.jit(tx.init)(params)
+    ids, targets = (jnp.asarray(a) for a in _next_token_batch(config.vocab_size, batch, seq))
+
+    def loss_fn(params):
+        m = nnx.merge(graphdef, params)
+        return -jnp.mean(models.token_log_probs(m, ids, targets, chunk=4096))
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    state = {"params": params, "opt": opt_state}
+
+    def run():
+        state["params"], state["opt"], loss = step(state["params"], state["opt"])
+        return loss
+
+    seconds = median_seconds(run, repeats=repeats, warmup=2)
+    tokens = batch * seq
+    achieved = train_flops_per_token(config, seq) * tokens / seconds
+    out = {"seconds": seconds, "tokens_per_s": tokens / seconds, "tflops": achieved / 1e12}
+    if peak_flops:
+        out["mfu"] = achieved / peak_flops
+    return out
+
+
+def gpu_mfu(args: argparse.Namespace) -> None:
+    if jax.default_backend() != "gpu":
+        print(f"\n--gpu: no GPU (JAX backend is {jax.default_backend()}); skipped.")
+        return
+    device = jax.devices()[0]
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    if peak is None:
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
+    config = qwen3_0p6b_config(
+        dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=args.remat, attention_impl="cudnn"
+    )
+    start = time.perf_counter()
+    result = train_step_mfu(config, args.gpu_batch, args.gpu_seq, args.repeats, peak)
+    print(
+        f"\nQwen3-0.6B-shaped training step on {device.device_kind}: batch {args.gpu_batch} x seq"
+        f" {args.gpu_seq}, bf16 compute, f32 params + AdamW, cuDNN attention, remat={args.remat}"
+        f" (total incl. compile {time.perf_counter() - start:.0f}s)"
+    )
+    print(
+        f"  {result['seconds'] * 1e3:.1f} ms/step, {result['tokens_per_s']:.0f} tokens/s,"
+        f" {result['tflops']:.1f} TFLOP/s"
+        + (f", MFU {100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--chunk", type=int, default=512, help="token_log_probs chunk (memory)")
+    parser.add_argument("--skip-cpu", action="store_true", help="skip the torch comparison")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="also run the GPU MFU benchmark")
+    parser.add_argument("--gpu-batch", type=int, default=8)
+    parser.add_argument("--gpu-seq", type=int, default=4096)
+    parser.add_argument("--remat", action="store_true", help="per-layer remat in the MFU run")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override device peak")
+    args = parser.parse_args()
+
+    if not args.skip_cpu:
+        cpu_comparison(args)
+    if not args.skip_memory:
+        memory_table(args.chunk, width=1024)
+    if args.gpu:
+        gpu_mfu(args)
+
+
+if __name__ == "__main__":
+    main()
