@@ -202,6 +202,15 @@ def bench_tree(repeats: int) -> None:
     )
 
 
+def _timed_decode(engine: Engine, slots, prompts, new_tokens: int) -> float:
+    """Seconds of one generate call (decode only) after a fresh prefill."""
+    engine.prefill_many(slots, prompts)
+    jax.block_until_ready(engine.cache.k)
+    start = time.perf_counter()
+    engine.generate(slots, [new_tokens] * len(slots), jax.random.key(0))
+    return time.perf_counter() - start
+
+
 def bench_gpu(repeats: int) -> None:
     """Decode roofline for a Qwen3-0.6B-shaped random model (bf16 weights and cache)."""
     import jax.numpy as jnp
@@ -238,15 +247,10 @@ def bench_gpu(repeats: int) -> None:
         slots = engine.allocate(batch)
         prompts = np.random.default_rng(0).integers(0, 1000, (batch, prompt_len)).tolist()
 
-        def decode():
-            engine.prefill_many(slots, prompts)
-            jax.block_until_ready(engine.cache.k)
-            start = time.perf_counter()
-            engine.generate(slots, [new_tokens] * batch, jax.random.key(0))
-            return time.perf_counter() - start
-
-        decode()
-        seconds = float(np.median([decode() for _ in range(repeats)]))
+        _timed_decode(engine, slots, prompts, new_tokens)  # warm-up (compiles)
+        seconds = float(
+            np.median([_timed_decode(engine, slots, prompts, new_tokens) for _ in range(repeats)])
+        )
         # Bytes read per step: all weights once + the attended KV cache of every sequence.
         kv_len = engine._kv_bucket(prompt_len + new_tokens)
         kv_bytes = (
