@@ -117,8 +117,10 @@ def forward_with_cache(
     mask = (key_pos[None, None, :] <= positions[:, :, None]) & (
         key_pos[None, None, :] < new_lengths[:, None, None]
     )  # [B, T, kv_len]
-    view = CacheView(k=cache.k, v=cache.v, slots=slots, write_pos=write_pos, kv_len=kv_len)
-    hidden, view = model.hidden_states_with_cache(tokens, positions, mask[:, None], view)
+    view = CacheView(
+        k=cache.k, v=cache.v, slots=slots, write_pos=write_pos, mask=mask[:, None], kv_len=kv_len
+    )
+    hidden, view = model.hidden_states_with_cache(tokens, positions, view)
     if last_only:
         last = jnp.maximum(num_tokens - 1, 0)
         hidden = hidden[jnp.arange(batch), last]

@@ -139,13 +139,14 @@ class CacheView:
     ``k``/``v`` are the whole pool, [layers, slots, max_len, K, D]; each layer writes its new keys
     and values at ``write_pos`` of rows ``slots`` and reads back the first ``kv_len`` positions of
     those rows. ``write_pos`` holds ``max_len`` (out of range) for padding tokens, so the scatter
-    drops them rather than clamping them onto real positions.
+    drops them rather than clamping them onto real positions. ``mask`` is the same for every layer.
     """
 
     k: jax.Array  # [layers, slots, max_len, K, D]
     v: jax.Array  # [layers, slots, max_len, K, D]
     slots: jax.Array  # [B] int32, distinct
     write_pos: jax.Array  # [B, T] int32
+    mask: jax.Array  # [B, 1, T, kv_len] bool: new token t may attend cache position s
     layer: int = struct.field(pytree_node=False, default=0)
     kv_len: int = struct.field(pytree_node=False, default=0)
 
@@ -178,17 +179,19 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array | None,
+        seq_lengths: jax.Array | None = None,
         cache: CacheView | None = None,
     ) -> tuple[jax.Array, CacheView | None]:
-        """Attends [B, T, H] ``x`` to itself (or to the cache plus itself).
+        """Causal self-attention of [B, T, H] ``x`` (or attention to the cache plus itself).
 
         Args:
           x: [B, T, H] hidden states.
           cos, sin: [B, T, D] rotary tables for the T positions.
-          mask: [B, 1, T, S] bool, True = may attend; ``None`` = plain causal (S == T, no padding).
-          cache: when given, keys/values are read from the cache after this step's are written
-            (S = kv_len).
+          seq_lengths: [B] int32 number of real tokens per row, which must come first (left-aligned
+            rows); ``None`` = every token is real. Expressed as lengths rather than a [B, T, T] mask
+            so cuDNN can run its padded-causal flash kernel without a mask tensor.
+          cache: when given, this step's keys/values are written to the cache and attention runs
+            over its first ``kv_len`` positions under ``cache.mask`` (``seq_lengths`` is unused).
 
         Returns:
           ([B, T, H] output, updated cache view or None).
@@ -201,16 +204,19 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is None:
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                key_value_seq_lengths=seq_lengths,
+                implementation=cfg.attention_impl,
+            )
+        else:
+            # Decode attention is memory-bound and its mask is arbitrary: always the XLA kernel.
             cache, k, v = cache.update(k, v)
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=mask is None,
-            implementation=cfg.attention_impl,
-        )
+            out = jax.nn.dot_product_attention(q, k, v, mask=cache.mask, implementation="xla")
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 
 
@@ -230,11 +236,11 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array | None,
+        seq_lengths: jax.Array | None = None,
         cache: CacheView | None = None,
     ) -> tuple[jax.Array, CacheView | None]:
         """[B, T, H] -> ([B, T, H], cache); arguments as in ``Attention.__call__``."""
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, seq_lengths, cache)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache

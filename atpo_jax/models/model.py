@@ -26,19 +26,21 @@ from atpo_jax.models.layers import (
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """[B, L] 0/1 mask -> [B, L] int32 positions: 0, 1, 2, ... over the real tokens.
 
-    Padding before the first real token gets position 0 and padding after the last one repeats the
-    last position; neither is ever attended to, so their values only need to be finite. This is what
-    makes left-padded and right-padded batches give identical logits for the real tokens.
+    The positions the model uses for a padded batch (padding gets its neighbour's position; it is
+    never attended to). This is what makes left-padded and right-padded batches give identical
+    logits for the real tokens, and matches transformers' ``generate`` with padding.
     """
     counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1)
     return jnp.maximum(counts - 1, 0)
 
 
-def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
-    """[B, L] 0/1 mask -> [B, 1, L, L] bool: query i may see key j iff j <= i and key j is real."""
-    length = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+def real_first_order(attention_mask: jax.Array) -> jax.Array:
+    """[B, L] 0/1 mask -> [B, L] int32 permutation putting each row's real tokens first, in order.
+
+    ``take_along_axis(x, order, 1)`` turns any padding (left, right, both, even holes) into right
+    padding, so attention needs only per-row lengths; ``argsort(order)`` undoes it.
+    """
+    return jnp.argsort(attention_mask.astype(bool) == 0, axis=-1, stable=True).astype(jnp.int32)
 
 
 class CausalLM(nnx.Module):
@@ -72,8 +74,8 @@ class CausalLM(nnx.Module):
 
         Args:
           input_ids: [B, L] int token ids.
-          attention_mask: [B, L] 0/1 (1 = real token); ``None`` = no padding. Any contiguous padding
-            (left, right or both) is fine: positions are counted over the real tokens.
+          attention_mask: [B, L] 0/1 (1 = real token); ``None`` = no padding. Any padding (left,
+            right, both) is fine: positions count the real tokens and padding is never attended.
 
         Returns:
           [B, L, V] logits in the compute dtype; padded positions are finite but meaningless.
@@ -85,17 +87,24 @@ class CausalLM(nnx.Module):
     ) -> jax.Array:
         """[B, L] ids (+ [B, L] mask) -> [B, L, H] final-normed hidden states (lm_head input)."""
         batch, length = input_ids.shape
-        if attention_mask is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            mask = None  # pure causal: lets cuDNN use its causal flash kernel without a mask tensor
-        else:
-            positions = positions_from_mask(attention_mask)
-            mask = causal_padding_mask(attention_mask)
+        seq_lengths = order = None
+        if attention_mask is not None:
+            # Left-align every row's real tokens: attention then needs only per-row lengths (padded
+            # causal, which cuDNN's flash kernel takes directly) instead of a [B, L, L] mask, and the
+            # real tokens sit at positions 0..n-1, exactly ``positions_from_mask``.
+            order = real_first_order(attention_mask)
+            input_ids = jnp.take_along_axis(input_ids, order, axis=1)
+            # A row without real tokens still attends to one key, so nothing divides by zero.
+            seq_lengths = jnp.maximum(jnp.sum(attention_mask != 0, axis=-1), 1).astype(jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         cos, sin = rope_cos_sin(positions, self.config)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = _run_layer(layer, x, cos, sin, mask, self.config.remat)
-        return self.norm(x)
+            x = _run_layer(layer, x, cos, sin, seq_lengths, self.config.remat)
+        x = self.norm(x)
+        if order is not None:
+            x = jnp.take_along_axis(x, jnp.argsort(order, axis=1)[..., None], axis=1)
+        return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] final hidden states -> [..., V] logits (tied: the embedding transposed)."""
@@ -112,7 +121,6 @@ class CausalLM(nnx.Module):
         self,
         input_ids: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
         cache: CacheView,
     ) -> tuple[jax.Array, CacheView]:
         """Forward pass that reads and writes a KV cache (engines call ``forward_with_cache``).
@@ -120,7 +128,6 @@ class CausalLM(nnx.Module):
         Args:
           input_ids: [B, T] new tokens.
           positions: [B, T] int32 absolute positions of the new tokens.
-          mask: [B, 1, T, kv_len] bool attention mask over cache positions.
           cache: the pool view; each layer writes at ``cache.write_pos`` of ``cache.slots``.
 
         Returns:
@@ -129,14 +136,18 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.config)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, cache.replace(layer=i))
+            x, cache = layer(x, cos, sin, cache=cache.replace(layer=i))
         return self.norm(x), cache
 
 
 def _call_layer(
-    layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None
+    layer: DecoderLayer,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    seq_lengths: jax.Array | None,
 ) -> jax.Array:
-    return layer(x, cos, sin, mask)[0]
+    return layer(x, cos, sin, seq_lengths)[0]
 
 
 # Gradient checkpointing per layer: the backward pass recomputes a layer's activations from its
@@ -149,7 +160,7 @@ def _run_layer(
     x: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    mask: jax.Array | None,
+    seq_lengths: jax.Array | None,
     remat: bool,
 ) -> jax.Array:
-    return (_call_layer_remat if remat else _call_layer)(layer, x, cos, sin, mask)
+    return (_call_layer_remat if remat else _call_layer)(layer, x, cos, sin, seq_lengths)

@@ -174,17 +174,21 @@ def torch_logits(
 def random_batch(
     vocab: int, batch: int, length: int, padding: str, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Random ids [B, L] and a 0/1 mask for ``padding`` in none/ones/left/right/mixed.
+    """Random ids [B, L] and a 0/1 mask for ``padding`` in none/ones/left/right/mixed/holes.
 
     ``none`` returns mask None; ``ones`` an all-ones mask; ``mixed`` gives rows with left padding,
-    right padding and both (the layout of a prompt + response training row).
+    right padding and both (the layout of a prompt + response training row); ``holes`` masks
+    random positions anywhere, including inside the sequence.
     """
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, size=(batch, length)).astype(np.int32)
     if padding == "none":
         return ids, None
     mask = np.ones((batch, length), np.int32)
-    for b in range(batch):
+    if padding == "holes":
+        mask = (rng.random((batch, length)) < 0.7).astype(np.int32)
+        mask[:, 1] = 1  # at least one real token per row
+    for b in range(batch if padding != "holes" else 0):
         pad = 1 + (b * 2) % (length // 2)
         if padding == "left" or (padding == "mixed" and b % 3 == 0):
             mask[b, :pad] = 0

@@ -8,7 +8,7 @@ import pytest
 
 from tests.models.hf_reference import CASES, random_batch, torch_logits
 
-PADDINGS = ("none", "ones", "left", "right", "mixed")
+PADDINGS = ("none", "ones", "left", "right", "mixed", "holes")
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
