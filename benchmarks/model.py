@@ -3,14 +3,16 @@
 1. Forward+backward tokens/s of our model versus transformers' PyTorch implementation (eager, CPU),
    same Qwen3-shaped random weights (ours is loaded from the transformers checkpoint), same batch,
    same loss (mean next-token cross-entropy over the full logits), measured in one run and printed
-   as a ratio. Our training path (``token_log_probs``, chunked) is timed as well.
+   as a ratio, over a sweep of sizes (tiny to hidden 256 x 4 layers x 8 x 256 tokens). Our
+   training path (``token_log_probs``, chunked) is timed as well.
 2. Compile-time temporary memory (``jit(...).lower(...).compile().memory_analysis()``) of the
    gradient of ``log_probs_from_hidden`` (chunked) versus a naive ``log_softmax`` over full logits,
    across vocabulary sizes and lengths up to Qwen3's 152k x 8k. Nothing is allocated: shapes only.
 3. ``--gpu`` (only with a GPU): bf16 training-step MFU of a Qwen3-0.6B-shaped random model
    (float32 master weights, bfloat16 compute, cuDNN attention, AdamW).
 
-Run: ``python benchmarks/model.py [--hidden 256 --layers 4 --seq 256 --batch 8 --vocab 8192]``
+Run: ``python benchmarks/model.py`` (or one config: ``--hidden 256 --layers 4 --seq 256 --batch 8
+--vocab 8192``)
 and on a GPU machine ``python benchmarks/model.py --gpu [--gpu-batch 8 --gpu-seq 4096 --remat]``.
 """
 
@@ -112,75 +114,106 @@ def jax_step(model: models.CausalLM, ids, targets, chunked: bool):
     return lambda: grad_step(params)
 
 
-def interleaved_seconds(
-    steps: dict[str, object], repeats: int, warmup: int = 2
+def blocked_seconds(
+    steps: dict[str, object], repeats: int, rounds: int = 2, warmup: int = 2
 ) -> dict[str, float]:
-    """Median seconds per call of each closure, the closures timed in turn within each repeat so a
-    change in machine load affects all of them alike."""
+    """Median seconds per call of each closure, timed in blocks: ``rounds`` passes over the
+    closures, each timing ``repeats`` consecutive calls of one closure after a pause.
+
+    Blocks rather than call-by-call interleaving: PyTorch's OpenMP workers and XLA's thread pool
+    both spin for a while after their last task, so alternating single calls makes each framework
+    run against the other's spinning threads. Several rounds still spread any change in machine
+    load over all implementations.
+    """
     for step in steps.values():
         for _ in range(warmup):
             jax.block_until_ready(step())
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step())
-            times[name].append(time.perf_counter() - start)
+            time.sleep(0.5)  # let the other framework's worker threads go idle
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(step())
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def cpu_comparison(args: argparse.Namespace) -> None:
+# (name, hidden, layers, vocab, batch, seq): from test-sized, where per-op overhead dominates, to
+# the size where both implementations are bound by the CPU's matmul throughput.
+SWEEP = [
+    ("tiny", 64, 2, 512, 4, 64),
+    ("small", 128, 2, 1024, 8, 128),
+    ("medium", 256, 4, 8192, 8, 256),
+]
+
+
+def compare_one(hidden: int, layers: int, vocab: int, batch: int, seq: int, repeats: int):
+    """(max |logit diff|, {impl: seconds per step}) for one Qwen3-shaped config."""
     import torch
     import transformers
 
-    heads = max(1, args.hidden // 64)
+    heads = max(1, hidden // 64)
     hf_config = qwen3_hf_config(
-        vocab=args.vocab,
-        hidden=args.hidden,
-        layers=args.layers,
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
         heads=heads,
         kv_heads=max(1, heads // 2),
         head_dim=64,
-        ffn=3 * args.hidden,
+        ffn=3 * hidden,
     )
     torch.manual_seed(0)
     torch_model = transformers.Qwen3ForCausalLM(hf_config)  # default (sdpa) attention, eager mode
     with tempfile.TemporaryDirectory() as tmp:
         torch_model.save_pretrained(tmp)
         model = models.from_pretrained(tmp)
-    ids, targets = _next_token_batch(args.vocab, args.batch, args.seq)
+    ids, targets = _next_token_batch(vocab, batch, seq)
 
     # Same function first: the comparison is only meaningful if both compute the same logits.
     with torch.no_grad():
         want = torch_model.eval()(torch.tensor(ids[:1], dtype=torch.long)).logits.numpy()
     got = np.asarray(jax.jit(lambda x: model(x))(jnp.asarray(ids[:1])))
-    max_diff = float(np.abs(got - want).max())
-
-    tokens = args.batch * args.seq
-    names = {
-        "torch": "transformers PyTorch eager, cross-entropy",
-        "full": "atpo_jax jit, cross-entropy on full logits",
-        "chunked": "atpo_jax jit, token_log_probs (chunked)",
-    }
-    seconds = interleaved_seconds(
+    seconds = blocked_seconds(
         {
             "torch": torch_step(torch_model, ids, targets),
             "full": jax_step(model, ids, targets, chunked=False),
             "chunked": jax_step(model, ids, targets, chunked=True),
         },
-        args.repeats,
+        repeats,
     )
+    return float(np.abs(got - want).max()), seconds
 
+
+def cpu_comparison(args: argparse.Namespace) -> None:
+    import torch
+
+    sweep = SWEEP
+    if args.hidden is not None:
+        sweep = [("custom", args.hidden, args.layers, args.vocab, args.batch, args.seq)]
     print(
-        f"\nForward+backward, Qwen3-shaped: hidden {args.hidden}, {args.layers} layers, {heads} heads"
-        f" (kv {max(1, heads // 2)}), head_dim 64, vocab {args.vocab}; batch {args.batch} x seq"
-        f" {args.seq}; {jax.default_backend()} ({os.cpu_count()} cores),"
-        f" torch threads {torch.get_num_threads()}; max |logit diff| {max_diff:.1e}"
+        f"\nForward+backward tokens/s, Qwen3-shaped models (head_dim 64, kv heads = heads / 2,"
+        f" ffn 3x hidden, untied), mean next-token cross-entropy; {jax.default_backend()}"
+        f" ({os.cpu_count()} cores), torch {torch.__version__} eager with"
+        f" {torch.get_num_threads()} threads; median of 2 rounds x {args.repeats} steps."
     )
-    print(f"  {'implementation':<52} {'ms/step':>9} {'tokens/s':>10} {'vs torch':>9}")
-    for key, name in names.items():
-        t = seconds[key]
-        print(f"  {name:<52} {t * 1e3:>9.1f} {tokens / t:>10.0f} {seconds['torch'] / t:>8.2f}x")
+    print(
+        "  full = our model + log_softmax over full logits; chunked = token_log_probs (the"
+        " training path)"
+    )
+    print(
+        f"  {'config':<34} {'torch tok/s':>11} {'full tok/s':>11} {'chunked tok/s':>13}"
+        f" {'full/torch':>10} {'chunked/torch':>13} {'|dlogit|':>9}"
+    )
+    for name, hidden, layers, vocab, batch, seq in sweep:
+        diff, sec = compare_one(hidden, layers, vocab, batch, seq, args.repeats)
+        tokens = batch * seq
+        label = f"{name}: h{hidden} L{layers} V{vocab} {batch}x{seq}"
+        print(
+            f"  {label:<34} {tokens / sec['torch']:>11.0f} {tokens / sec['full']:>11.0f}"
+            f" {tokens / sec['chunked']:>13.0f} {sec['torch'] / sec['full']:>9.2f}x"
+            f" {sec['torch'] / sec['chunked']:>12.2f}x {diff:>9.1e}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +360,7 @@ def gpu_mfu(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=None, help="one custom config, not the sweep")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)

@@ -120,7 +120,7 @@ def from_pretrained(
     *,
     param_dtype: Any = None,
     remat: bool = False,
-    attention_impl: str | None = None,
+    attention_impl: str = "xla",
 ) -> CausalLM:
     """Loads a local Hugging Face checkpoint directory into a ``CausalLM``.
 
@@ -130,7 +130,7 @@ def from_pretrained(
       dtype: compute dtype; also the parameter dtype unless ``param_dtype`` is given.
       param_dtype: storage dtype of the parameters (e.g. float32 master weights, bfloat16 compute).
       remat: gradient checkpointing per decoder layer.
-      attention_impl: ``None``, ``"xla"`` or ``"cudnn"`` (see ``ModelConfig``).
+      attention_impl: ``"xla"`` or ``"cudnn"`` (GPU flash attention; see ``ModelConfig``).
 
     Raises:
       ConfigError: config.json missing or describing an unsupported model (names file and key).

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 # Per-family defaults for keys that transformers' config classes fill in when config.json omits
 # them.
@@ -92,8 +92,9 @@ class ModelConfig:
     hidden 2560 and 32 heads). Runtime fields: ``param_dtype`` is the storage dtype of the
     parameters, ``dtype`` the compute dtype (matmul inputs and activations; norms, softmax and RoPE
     always run in float32), ``remat`` wraps every decoder layer in ``nnx.remat``, and
-    ``attention_impl`` is passed to ``jax.nn.dot_product_attention`` (``None`` = JAX's default,
-    ``"cudnn"`` = cuDNN flash attention on GPU).
+    ``attention_impl`` picks the training/scoring attention kernel: ``"xla"`` (portable grouped
+    kernel) or ``"cudnn"`` (``jax.nn.dot_product_attention``'s cuDNN flash kernel, GPU only; the
+    KV-cache path always uses the XLA kernel).
     """
 
     model_type: str
@@ -116,7 +117,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32
     remat: bool = False
-    attention_impl: str | None = None
+    attention_impl: str = "xla"
     # Other config.json keys, kept verbatim (JSON) so save_pretrained writes them back unchanged.
     hf_extra: str = "{}"
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from atpo_jax.models.attention import causal_attention, masked_attention
 from atpo_jax.models.config import ModelConfig
 
 DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
@@ -205,18 +206,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                is_causal=True,
-                key_value_seq_lengths=seq_lengths,
-                implementation=cfg.attention_impl,
-            )
+            out = causal_attention(q, k, v, seq_lengths, impl=cfg.attention_impl)
         else:
-            # Decode attention is memory-bound and its mask is arbitrary: always the XLA kernel.
+            # Decode attention is memory-bound and its mask arbitrary: always the XLA kernel.
             cache, k, v = cache.update(k, v)
-            out = jax.nn.dot_product_attention(q, k, v, mask=cache.mask, implementation="xla")
+            out = masked_attention(q, k, v, cache.mask)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 
 

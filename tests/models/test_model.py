@@ -69,16 +69,6 @@ def test_jit_with_split_state_equals_eager(ours):
     )
 
 
-def test_explicit_xla_attention_matches_default(reference, ours):
-    xla = models.from_pretrained(reference("qwen2").path, attention_impl="xla")
-    ids, mask = random_batch(xla.config.vocab_size, batch=2, length=6, padding="mixed", seed=8)
-    np.testing.assert_allclose(
-        np.asarray(xla(jnp.asarray(ids), jnp.asarray(mask))),
-        np.asarray(ours("qwen2")(jnp.asarray(ids), jnp.asarray(mask))),
-        atol=1e-6,
-    )
-
-
 def test_mixed_precision_gradients_are_float32(reference):
     model = models.from_pretrained(
         reference("qwen3_tied").path, dtype=jnp.bfloat16, param_dtype=jnp.float32
