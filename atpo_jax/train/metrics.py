@@ -344,11 +344,13 @@ class ProgressBar:
         """Steps counted so far (including ``initial``)."""
         return self._n
 
-    def update(self, steps: int = 1, metrics: Mapping[str, Any] | None = None) -> None:
+    def update(self, metrics: Mapping[str, Any] | None = None, *, steps: int = 1) -> None:
         """Advances by ``steps`` and shows the ``postfix_keys`` found in ``metrics``."""
         if metrics:
             shown = {
-                k: f"{float(np.asarray(metrics[k])):.4g}" for k in self.postfix_keys if k in metrics
+                k: f"{float(np.asarray(metrics[k]).reshape(())):.4g}"
+                for k in self.postfix_keys
+                if k in metrics and np.size(metrics[k]) == 1
             }
             if shown:
                 self._bar.set_postfix(shown, refresh=False)

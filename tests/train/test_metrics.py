@@ -209,11 +209,11 @@ def test_phase_timer_accumulates_and_resets(monkeypatch):
 
 def test_progress_bar_counts_and_shows_metrics():
     bar = M.ProgressBar(10, initial=3, enabled=False)
-    bar.update(1, {"reward/mean": 0.5, "em": jnp.asarray(0.25), "other": 1.0})
-    bar.update(2)
+    bar.update({"reward/mean": 0.5, "em": jnp.asarray(0.25), "other": 1.0})
+    bar.update(steps=2)
     assert bar.n == 6
     bar.close()
     shown = M.ProgressBar(4, enabled=True, postfix_keys=("em",))
-    shown.update(1, {"em": 0.123456})
+    shown.update({"em": 0.123456})
     assert shown._bar.postfix == "em=0.1235"
     shown.close()
