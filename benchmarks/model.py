@@ -34,19 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_seconds  # noqa: E402
 
 from atpo_jax import models  # noqa: E402
-
-# Dense bf16 peak FLOP/s per device, by substring of ``device.device_kind``.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-    "TPU v6": 918e12,
-}
+from atpo_jax.train import flops  # noqa: E402
 
 
 def qwen3_hf_config(
@@ -283,19 +271,6 @@ def qwen3_0p6b_config(**runtime) -> models.ModelConfig:
     )
 
 
-def train_flops_per_token(config: models.ModelConfig, seq: int) -> float:
-    """6 x matmul parameters (lm_head included, embedding lookup excluded) + causal attention.
-
-    Attention scores and the weighted sum are 2 matmuls of 2·seq·(heads·head_dim) FLOPs per token
-    forward, halved for the causal mask, x3 for forward+backward: 6·layers·seq·heads·head_dim.
-    """
-    c = config
-    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    matmul_params = c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
-    return 6 * matmul_params + 6 * c.num_layers * seq * c.num_heads * c.head_dim
-
-
 def train_step_mfu(
     config: models.ModelConfig, batch: int, seq: int, repeats: int, peak_flops: float | None
 ) -> dict[str, float]:
@@ -325,11 +300,16 @@ def train_step_mfu(
         return loss
 
     seconds = median_seconds(run, repeats=repeats, warmup=2)
-    tokens = batch * seq
-    achieved = train_flops_per_token(config, seq) * tokens / seconds
-    out = {"seconds": seconds, "tokens_per_s": tokens / seconds, "tflops": achieved / 1e12}
+    # Useful work only (the PaLM convention, train/flops.py): 3 x forward matmul and causal
+    # attention FLOPs; remat recomputation is not counted.
+    step_flops = 3 * batch * flops.forward_flops_for_sequence(config, seq)
+    out = {
+        "seconds": seconds,
+        "tokens_per_s": batch * seq / seconds,
+        "tflops": step_flops / seconds / 1e12,
+    }
     if peak_flops:
-        out["mfu"] = achieved / peak_flops
+        out["mfu"] = flops.mfu(step_flops, seconds, peak_flops)
     return out
 
 
@@ -338,9 +318,7 @@ def gpu_mfu(args: argparse.Namespace) -> None:
         print(f"\n--gpu: no GPU (JAX backend is {jax.default_backend()}); skipped.")
         return
     device = jax.devices()[0]
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None:
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops_per_device(device)
     config = qwen3_0p6b_config(
         dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=args.remat, attention_impl="cudnn"
     )
