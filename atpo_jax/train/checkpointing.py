@@ -1,0 +1,405 @@
+"""Training checkpoints: a thin layer over ``orbax.checkpoint.CheckpointManager``.
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=3, save_every=10)
+    state = {"params": params, "opt_state": opt_state, "rng": key, "step": 7, "data_position": 448}
+    ckpt.save(7, state)                       # saves iff 7 % save_every == 0 (or force=True)
+    step = ckpt.latest_step()                 # newest COMPLETE checkpoint, or None
+    state = ckpt.restore(step, target=state)  # same structure, dtypes and shardings as ``target``
+    ckpt.close()                              # waits for the async save in flight
+
+Each top-level key of ``state`` is one orbax item (a sub-directory of the step directory), so a
+caller can restore a subset (``target={"params": ...}`` for evaluation). An item whose leaves are
+all plain Python values (int, float, str, bool, None, in dicts/lists) is stored as JSON (readable,
+exact ints); anything holding arrays is stored with orbax's ``StandardSave`` (tensorstore, one
+shard per device, written from every host in a multi-host run). Typed PRNG keys
+(``jax.random.key``) are stored as their raw ``uint32`` key data and re-wrapped on restore with
+the implementation of the key found in ``target``.
+
+Completeness: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to
+``<step>`` only once every item is written, so a save killed mid-way leaves a temporary directory
+that ``latest_step`` and ``restore`` never see (and that the next ``Checkpointer`` on the directory
+deletes). A save still running in the background in this process is not reported either.
+
+Resharding: ``restore`` reads each array into the sharding of the corresponding ``target`` leaf
+(a ``jax.Array`` or a ``jax.ShapeDtypeStruct`` with ``sharding``), whatever mesh it was saved
+from.
+
+Pre-emption: ``install_sigterm_handler`` turns SIGTERM into a flag that the training loop checks
+at step boundaries (``shutdown.check()``), where it saves a final checkpoint and exits with status
+0 (see its docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+_JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+# --------------------------------------------------------------------------------------------
+# PRNG keys
+
+
+def is_typed_key(x: Any) -> bool:
+    """Whether ``x`` is a typed PRNG key array (``jax.random.key``) or its abstract value."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def key_to_data(key: jax.Array) -> jax.Array:
+    """Typed key array [...] -> its raw ``uint32`` key data [..., 2] (threefry) for storage."""
+    if not is_typed_key(key):
+        raise TypeError(f"expected a typed PRNG key (jax.random.key), got dtype {key.dtype}")
+    return jax.random.key_data(key)
+
+
+def key_from_data(data: Any, impl: Any = "threefry2x32") -> jax.Array:
+    """Raw ``uint32`` key data [..., n] -> a typed key array [...] of implementation ``impl``."""
+    return jax.random.wrap_key_data(jax.numpy.asarray(data, jax.numpy.uint32), impl=impl)
+
+
+def keys_to_data(tree: Any) -> Any:
+    """``tree`` with every typed key leaf replaced by its key data (other leaves unchanged)."""
+    return jax.tree.map(lambda x: key_to_data(x) if is_typed_key(x) else x, tree)
+
+
+def keys_from_data(tree: Any, like: Any) -> Any:
+    """Undoes ``keys_to_data``: wraps the leaves of ``tree`` where ``like`` holds a typed key.
+
+    ``like`` must have ``tree``'s structure; its typed key leaves give the implementation.
+    """
+    return jax.tree.map(
+        lambda x, ref: key_from_data(x, jax.random.key_impl(ref)) if is_typed_key(ref) else x,
+        tree,
+        like,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Save / restore arguments per item
+
+
+def _is_json_item(value: Any) -> bool:
+    """True when every leaf of ``value`` is a plain Python scalar (stored as JSON)."""
+    leaves = jax.tree.leaves(value, is_leaf=lambda x: x is None)
+    return all(isinstance(leaf, _JSON_SCALARS) for leaf in leaves)
+
+
+def _save_arg(name: str, value: Any) -> ocp.args.CheckpointArgs:
+    if _is_json_item(value):
+        return ocp.args.JsonSave(value)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(value):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, *_JSON_SCALARS)):
+            raise TypeError(
+                f"checkpoint item {name!r}: leaf {jax.tree_util.keystr(path)} has type "
+                f"{type(leaf).__name__}; items hold arrays and Python scalars only"
+            )
+    return ocp.args.StandardSave(_box(keys_to_data(value)))
+
+
+def _is_bare_leaf(value: Any) -> bool:
+    return jax.tree_util.treedef_is_leaf(jax.tree.structure(value))
+
+
+# StandardSave takes containers only; a bare array (a PRNG key, say) is stored as {"value": x}.
+def _box(value: Any) -> Any:
+    return {"value": value} if _is_bare_leaf(value) else value
+
+
+def _unbox(restored: Any, ref: Any) -> Any:
+    return restored["value"] if _is_bare_leaf(ref) else restored
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+    """The restore target for one leaf: arrays become ShapeDtypeStructs carrying a sharding."""
+    if is_typed_key(leaf):
+        if not isinstance(leaf, jax.Array):
+            raise TypeError(
+                "a typed PRNG key in a restore target must be a concrete key array "
+                "(e.g. jax.random.key(0)), not an abstract value: its implementation is needed"
+            )
+        leaf = jax.random.key_data(leaf)
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding if leaf.sharding is not None else _default_sharding()
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    return leaf  # NumPy arrays restore as NumPy arrays, Python scalars as Python scalars.
+
+
+def _restore_arg(value: Any) -> ocp.args.CheckpointArgs:
+    if _is_json_item(value):
+        return ocp.args.JsonRestore()
+    return ocp.args.StandardRestore(_box(jax.tree.map(_abstract_leaf, value)))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpointer
+
+
+class Checkpointer:
+    """Periodic, asynchronous, keep-N checkpoints of a dict of pytrees (see the module doc).
+
+    Args:
+      directory: where step directories ``<step>/`` live (created if missing).
+      keep: number of most recent checkpoints kept; older ones are deleted after a save.
+      save_every: ``save`` writes when ``step % save_every == 0``; 0 = only forced saves.
+      async_save: write in a background thread after the device-to-host copy (the training loop
+        continues at once); ``wait``/``close`` block until it is on disk.
+      read_only: only read (``save`` raises). Use it to read the checkpoints of a run that may
+        still be writing: a writer removes leftover ``*.orbax-checkpoint-tmp`` directories when
+        it opens the directory, which would include the live run's save in flight.
+
+    Every process of a multi-host run must make the same calls (orbax synchronises them).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int = 3,
+        save_every: int = 10,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"checkpoint keep={keep!r} must be an integer >= 1")
+        if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
+            raise ValueError(f"checkpoint save_every={save_every!r} must be an integer >= 0")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.keep = keep
+        self.save_every = save_every
+        self.read_only = read_only
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=None if read_only else ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=async_save,
+            # Remove the <step>.orbax-checkpoint-tmp directories of interrupted saves (a save of
+            # the same step would replace one anyway; this also frees steps never saved again).
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._last_saved: int | None = None
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` without ``force`` writes a checkpoint."""
+        return self.save_every > 0 and step % self.save_every == 0
+
+    def save(self, step: int, state: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Saves ``state`` as step ``step`` when due (or ``force``); returns whether it did.
+
+        A step that already has a checkpoint is not written again (returns False), so a forced
+        save on SIGTERM right after a periodic one is harmless. With ``async_save`` the call
+        returns once the arrays are copied to host memory; the files appear later.
+
+        Args:
+          step: the training step the state belongs to (the step directory's name).
+          state: item name -> pytree of arrays / Python scalars (``nnx.State``, optax state,
+            typed or raw PRNG keys) or a JSON-able value (ints such as ``step``, ``data_position``).
+        """
+        if self.read_only:
+            raise RuntimeError(f"Checkpointer({self.directory!r}) was opened read_only")
+        if not isinstance(state, Mapping) or not state:
+            raise ValueError("checkpoint state must be a non-empty dict of item name -> pytree")
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(**{name: _save_arg(name, v) for name, v in state.items()})
+        saved = self._manager.save(step, args=args, force=True)
+        if saved:
+            self._last_saved = step
+        return bool(saved)
+
+    def all_steps(self) -> list[int]:
+        """Steps with a complete checkpoint on disk, ascending (a save in flight excluded)."""
+        steps = set(self._manager.all_steps())
+        if self._last_saved is not None and self._manager.is_saving_in_progress():
+            steps.discard(self._last_saved)
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The newest step with a complete checkpoint, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def item_names(self, step: int) -> list[str]:
+        """The item names (top-level ``state`` keys) stored for ``step``."""
+        step_dir = os.path.join(self.directory, str(step))
+        return sorted(
+            name
+            for name in os.listdir(step_dir)
+            if os.path.isdir(os.path.join(step_dir, name)) and not name.startswith(("_", "."))
+        )
+
+    def restore(self, step: int | None = None, *, target: Mapping[str, Any]) -> dict[str, Any]:
+        """Reads checkpoint ``step`` (default: the latest complete one) into ``target``'s layout.
+
+        Args:
+          step: the step to read; None = ``latest_step()``.
+          target: item name -> a pytree like the one saved: its structure, dtypes and shapes, and
+            for arrays their shardings (from ``jax.Array`` leaves or ``jax.ShapeDtypeStruct``
+            leaves with ``sharding``; without one an array goes to the first local device).
+            Typed key leaves must be concrete keys (they give the implementation). For a JSON
+            item the target's value is only a placeholder. Only the named items are read.
+
+        Returns:
+          item name -> restored value (``jax.Array`` leaves where the target had arrays,
+          NumPy where it had NumPy, typed keys where it had typed keys; JSON lists stay lists).
+
+        Raises:
+          FileNotFoundError: no complete checkpoint (for ``step``) in the directory.
+          KeyError: ``target`` names an item the checkpoint does not have.
+        """
+        if not isinstance(target, Mapping) or not target:
+            raise ValueError("restore target must be a non-empty dict of item name -> pytree")
+        self.wait()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {step} in {self.directory} (have {steps})"
+            )
+        available = self.item_names(step)
+        missing = sorted(set(target) - set(available))
+        if missing:
+            raise KeyError(
+                f"checkpoint step {step} in {self.directory} has no item(s) {missing}; "
+                f"it has {available}"
+            )
+        args = ocp.args.Composite(**{name: _restore_arg(v) for name, v in target.items()})
+        restored = self._manager.restore(step, args=args)
+        return {
+            name: restored[name]
+            if _is_json_item(ref)
+            else keys_from_data(_unbox(restored[name], ref), ref)
+            for name, ref in target.items()
+        }
+
+    def wait(self) -> None:
+        """Blocks until an asynchronous save in flight is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM
+
+
+class ShutdownRequest:
+    """The flag a signal handler sets; the training loop polls it at step boundaries.
+
+    Acting on the signal inside the handler would interrupt whatever the main thread is doing
+    (a jitted step, an orbax save) and checkpoint a half-updated state; acting at the boundary
+    saves the state of the step that just finished.
+    """
+
+    def __init__(self, callback: Callable[[], None] | None, exit_code: int):
+        self._callback = callback
+        self._exit_code = exit_code
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a handled signal arrived in this process."""
+        return self._event.is_set()
+
+    def request(self) -> None:
+        """Sets the flag (what the signal handler does; tests and callers may call it too)."""
+        self._event.set()
+
+    def should_stop(self) -> bool:
+        """Whether any process received the signal (all processes agree: a collective when
+        ``jax.process_count() > 1``, so every process must call it at the same step)."""
+        flag = self.requested
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+            flag = bool(np.any(flags))
+        return flag
+
+    def check(self) -> None:
+        """If a stop was requested: runs the callback (save, flush), then ``SystemExit(code)``."""
+        if not self.should_stop():
+            return
+        log.warning("termination signal received: running the shutdown callback and exiting")
+        if self._callback is not None:
+            self._callback()
+        raise SystemExit(self._exit_code)
+
+    def uninstall(self) -> None:
+        """Restores the handlers that were installed before ``install_sigterm_handler``."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def install_sigterm_handler(
+    callback: Callable[[], None] | None = None,
+    *,
+    signals: Iterable[int] = (signal.SIGTERM,),
+    exit_code: int = 0,
+) -> ShutdownRequest:
+    """Makes SIGTERM (pre-emption, ``scancel``, ``kill``) end the run with a final checkpoint.
+
+    The handler only sets a flag. The loop calls ``shutdown.check()`` once per step, after the
+    step's state is complete; if the flag is set, ``check`` runs ``callback`` (typically a forced
+    save + ``close()`` of the checkpointer and the metrics writer) and raises
+    ``SystemExit(exit_code)``, so ``finally`` blocks run and the process exits cleanly::
+
+        shutdown = install_sigterm_handler(
+            lambda: (ckpt.save(step, state_dict(), force=True), ckpt.close()))
+        for step in range(start, num_steps):
+            ...                                   # one RL step
+            ckpt.save(step, state_dict())
+            shutdown.check()
+
+    The grace period between SIGTERM and SIGKILL (SLURM, Kubernetes, TPU pre-emption: tens of
+    seconds) must cover the rest of the current step plus the save; otherwise the run resumes from
+    the last periodic checkpoint, which is still complete.
+
+    Must be called from the main thread (a Python rule for signal handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("install_sigterm_handler must be called from the main thread")
+    request = ShutdownRequest(callback, exit_code)
+
+    def handler(signum: int, frame: Any) -> None:
+        del frame
+        log.warning("received %s; stopping after the current step", signal.Signals(signum).name)
+        request.request()
+
+    for signum in signals:
+        request._previous[signum] = signal.signal(signum, handler)
+    return request

@@ -1,0 +1,423 @@
+"""Checkpointer: round trips, keep/every policy, incomplete saves, SIGTERM, resharding."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from orbax.checkpoint._src.path import atomicity
+
+from atpo_jax import models
+from atpo_jax.train import checkpointing as C
+from atpo_jax.train import optimizer as opt
+from tests.train.multidevice import REPO_ROOT, run_python, subprocess_env
+
+TINY = models.ModelConfig(
+    model_type="qwen3",
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+)
+
+
+def _train_state(seed: int) -> dict:
+    """A realistic state: nnx params, the real optimizer's state after one update, keys, ints."""
+    params = nnx.state(models.CausalLM(TINY, rngs=nnx.Rngs(seed)), nnx.Param)
+    tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-2))
+    opt_state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1 * (seed + 1)), params)
+    _, opt_state = jax.jit(tx.update)(grads, opt_state, params)
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.random.fold_in(jax.random.key(seed), 7),
+        "legacy_rng": jax.random.PRNGKey(seed + 100),
+        "step": 10 + seed,
+        "data_position": 640 + seed,
+        "extra": {"history": np.arange(5, dtype=np.int64) * seed, "loss_scale": 2.0},
+    }
+
+
+def _zeros_like_state(state: dict) -> dict:
+    target = jax.tree.map(
+        lambda x: x if C.is_typed_key(x) else jnp.zeros_like(x),
+        {k: state[k] for k in ("params", "opt_state", "legacy_rng")},
+    )
+    return {
+        **target,
+        "rng": jax.random.key(0),
+        "step": 0,
+        "data_position": 0,
+        "extra": {"history": np.zeros(5, np.int64), "loss_scale": 0.0},
+    }
+
+
+def _assert_bitwise_equal(got, want):
+    got_leaves, got_def = jax.tree.flatten(C.keys_to_data(got))
+    want_leaves, want_def = jax.tree.flatten(C.keys_to_data(want))
+    assert got_def == want_def
+    for a, b in zip(got_leaves, want_leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+
+
+def test_round_trip_of_a_training_state(tmp_path):
+    state = _train_state(1)
+    with C.Checkpointer(tmp_path, save_every=5) as ckpt:
+        assert ckpt.save(5, state)
+        ckpt.wait()
+        assert ckpt.latest_step() == 5
+        assert ckpt.item_names(5) == sorted(state)
+        restored = ckpt.restore(target=_zeros_like_state(state))
+    assert isinstance(restored["params"], nnx.State)
+    assert isinstance(restored["opt_state"], type(state["opt_state"]))
+    assert C.is_typed_key(restored["rng"])
+    assert jax.random.key_impl(restored["rng"]) == jax.random.key_impl(state["rng"])
+    assert restored["step"] == 11 and restored["data_position"] == 641
+    assert isinstance(restored["extra"]["history"], np.ndarray)
+    assert isinstance(restored["params"]["lm_head"]["kernel"][...], jax.Array)
+    _assert_bitwise_equal(restored, state)
+    # The restored key generates the same numbers.
+    np.testing.assert_array_equal(
+        np.asarray(jax.random.uniform(restored["rng"], (3,))),
+        np.asarray(jax.random.uniform(state["rng"], (3,))),
+    )
+    assert int(opt.nonfinite_skips(restored["opt_state"])) == 0
+    assert int(opt.applied_updates(restored["opt_state"])) == 1
+
+
+def test_restore_a_subset_of_items(tmp_path):
+    state = _train_state(2)
+    with C.Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(3, state)
+        target = {"params": jax.tree.map(jnp.zeros_like, state["params"]), "step": 0}
+        restored = ckpt.restore(3, target=target)
+    assert sorted(restored) == ["params", "step"]
+    _assert_bitwise_equal(restored["params"], state["params"])
+
+
+def test_save_policy_keep_and_duplicates(tmp_path):
+    state = {"x": jnp.arange(3.0), "step": 0}
+    with C.Checkpointer(tmp_path, keep=2, save_every=2, async_save=False) as ckpt:
+        assert [ckpt.save(s, state) for s in (1, 2, 3, 4)] == [False, True, False, True]
+        assert ckpt.save(5, state, force=True)  # e.g. on SIGTERM
+        assert not ckpt.save(5, state, force=True)  # already there: not written twice
+        assert ckpt.save(6, state)
+        assert ckpt.all_steps() == [5, 6]
+    assert sorted(os.listdir(tmp_path)) == ["5", "6"]
+    with C.Checkpointer(tmp_path / "forced", save_every=0) as ckpt:
+        assert not ckpt.save(10, state) and ckpt.save(10, state, force=True)
+
+
+def test_errors(tmp_path):
+    ckpt = C.Checkpointer(tmp_path, save_every=1)
+    assert ckpt.latest_step() is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint in"):
+        ckpt.restore(target={"x": jnp.zeros(2)})
+    ckpt.save(1, {"x": jnp.ones(2)})
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint for step 9 .*have \[1\]"):
+        ckpt.restore(9, target={"x": jnp.zeros(2)})
+    with pytest.raises(KeyError, match=r"has no item\(s\) \['params'\]; it has \['x'\]"):
+        ckpt.restore(1, target={"params": jnp.zeros(2)})
+    with pytest.raises(TypeError, match=r"item 'x': leaf \['f'\] has type object"):
+        ckpt.save(2, {"x": {"a": jnp.ones(2), "f": object()}})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        ckpt.save(2, {})
+    with pytest.raises(TypeError, match="concrete key array"):
+        ckpt.restore(1, target={"x": jax.ShapeDtypeStruct((), jax.random.key(0).dtype)})
+    ckpt.close()
+    with pytest.raises(ValueError, match="keep=0"):
+        C.Checkpointer(tmp_path, keep=0)
+    with pytest.raises(ValueError, match="save_every=-1"):
+        C.Checkpointer(tmp_path, save_every=-1)
+
+
+def test_key_helpers_round_trip():
+    for impl in ("threefry2x32", "rbg"):
+        key = jax.random.key(3, impl=impl)
+        data = C.key_to_data(key)
+        assert data.dtype == jnp.uint32
+        back = C.key_from_data(data, impl)
+        np.testing.assert_array_equal(jax.random.key_data(back), data)
+        tree = {"k": jax.random.split(key, 4), "n": jnp.ones(2)}
+        stored = C.keys_to_data(tree)
+        assert stored["k"].shape == (4, *data.shape) and not C.is_typed_key(stored["k"])
+        restored = C.keys_from_data(stored, tree)
+        assert jax.random.key_impl(restored["k"]) == jax.random.key_impl(key)
+        np.testing.assert_array_equal(jax.random.key_data(restored["k"]), stored["k"])
+    with pytest.raises(TypeError, match="expected a typed PRNG key"):
+        C.key_to_data(jax.random.PRNGKey(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Incomplete saves
+
+
+def test_a_save_in_flight_is_not_reported(tmp_path, monkeypatch):
+    gate = threading.Event()
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def gated_finalize(self, *args, **kwargs):
+        await asyncio.to_thread(gate.wait, 60)
+        return await finalize(self, *args, **kwargs)
+
+    with C.Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(1, {"x": jnp.ones(2)})
+        ckpt.wait()
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", gated_finalize)
+        assert ckpt.save(2, {"x": jnp.full(2, 2.0)})
+        assert ckpt.latest_step() == 1  # step 2 is still being written
+        # Nor seen by a reader in another process (read_only: it must not clean up the live
+        # save's temporary directory).
+        reader = C.Checkpointer(tmp_path, read_only=True)
+        assert reader.latest_step() == 1
+        with pytest.raises(RuntimeError, match="read_only"):
+            reader.save(3, {"x": jnp.ones(2)}, force=True)
+        gate.set()
+        ckpt.wait()
+        assert ckpt.latest_step() == 2
+
+
+def test_leftover_temporary_directory_is_ignored_and_removed(tmp_path):
+    with C.Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(4, {"x": jnp.full(2, 4.0)})
+    # What a save of step 6 killed while writing leaves behind.
+    partial = tmp_path / "6.orbax-checkpoint-tmp" / "x"
+    partial.mkdir(parents=True)
+    (partial / "garbage").write_bytes(b"\0" * 10)
+    with C.Checkpointer(tmp_path, save_every=1) as ckpt:
+        assert ckpt.latest_step() == 4
+        np.testing.assert_array_equal(ckpt.restore(target={"x": jnp.zeros(2)})["x"], [4.0, 4.0])
+        assert ckpt.save(6, {"x": jnp.full(2, 6.0)})
+        ckpt.wait()
+        assert ckpt.latest_step() == 6
+        np.testing.assert_array_equal(ckpt.restore(target={"x": jnp.zeros(2)})["x"], [6.0, 6.0])
+    assert sorted(os.listdir(tmp_path)) == ["4", "6"]
+
+
+def _spawn(code: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=subprocess_env(devices=1),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited {proc.returncode}:\n{proc.stderr.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out:\n{proc.communicate()[1][-4000:]}")
+        time.sleep(0.05)
+
+
+def test_process_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
+    ready = tmp_path / "finalizing"
+    proc = _spawn(
+        f"""
+        import asyncio, pathlib
+        import jax.numpy as jnp
+        from orbax.checkpoint._src.path import atomicity
+        from atpo_jax.train.checkpointing import Checkpointer
+
+        ckpt = Checkpointer({str(tmp_path / "ckpt")!r}, save_every=1)
+        ckpt.save(1, {{"x": jnp.full(3, 1.0), "step": 1}})
+        ckpt.wait()
+
+        async def hang(self, *args, **kwargs):  # every file is written; the commit never comes
+            pathlib.Path({str(ready)!r}).touch()
+            while True:
+                await asyncio.sleep(1)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = hang
+        ckpt.save(2, {{"x": jnp.full(3, 2.0), "step": 2}})
+        ckpt.wait()
+        """
+    )
+    try:
+        _wait_for(ready.exists, proc)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2.orbax-checkpoint-tmp"]
+    with C.Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() == 1
+        restored = ckpt.restore(target={"x": jnp.zeros(3), "step": 0})
+    np.testing.assert_array_equal(restored["x"], [1.0, 1.0, 1.0])
+    assert restored["step"] == 1
+
+
+def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(tmp_path):
+    proc = _spawn(
+        f"""
+        import time
+        import jax.numpy as jnp
+        from atpo_jax.train.checkpointing import Checkpointer, install_sigterm_handler
+
+        ckpt = Checkpointer({str(tmp_path)!r}, save_every=1000)
+        step, x = 0, jnp.zeros(2)
+
+        def save_now():
+            ckpt.save(step, {{"x": x, "step": step}}, force=True)
+            ckpt.close()
+            print("saved", step, flush=True)
+
+        shutdown = install_sigterm_handler(save_now)
+        try:
+            for step in range(1, 100_000):
+                x = jnp.full(2, float(step))
+                ckpt.save(step, {{"x": x, "step": step}})
+                print("step", step, flush=True)
+                time.sleep(0.02)
+                shutdown.check()
+        finally:
+            print("finally ran", flush=True)
+        """
+    )
+    lines: list[str] = []
+
+    def read_until_step_3() -> bool:
+        lines.append(proc.stdout.readline().strip())
+        return lines[-1] == "step 3"
+
+    _wait_for(read_until_step_3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    lines += out.split("\n")
+    assert proc.returncode == 0, err[-4000:]
+    last_step = max(int(line.split()[1]) for line in lines if line.startswith("step "))
+    assert f"saved {last_step}" in lines and "finally ran" in lines
+    with C.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == last_step
+        restored = ckpt.restore(target={"x": jnp.zeros(2), "step": 0})
+    assert restored["step"] == last_step
+    np.testing.assert_array_equal(restored["x"], [last_step, last_step])
+
+
+def test_shutdown_request_in_process():
+    before = signal.getsignal(signal.SIGTERM)
+    calls = []
+    shutdown = C.install_sigterm_handler(lambda: calls.append("saved"), exit_code=3)
+    try:
+        shutdown.check()  # nothing requested: no-op
+        assert not shutdown.requested and calls == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not shutdown.requested and time.monotonic() < deadline:
+            time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert shutdown.requested
+        with pytest.raises(SystemExit) as exit_info:
+            shutdown.check()
+        assert exit_info.value.code == 3 and calls == ["saved"]
+    finally:
+        shutdown.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    errors = []
+    thread = threading.Thread(
+        target=lambda: errors.append(_catch(lambda: C.install_sigterm_handler(None)))
+    )
+    thread.start()
+    thread.join()
+    assert "main thread" in str(errors[0])
+
+
+def _catch(fn):
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - returned for the assertion
+        return err
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resharding (8 simulated devices in a subprocess)
+
+
+def test_restore_onto_a_different_mesh_and_one_device(tmp_path):
+    result = run_python(
+        f"""
+        import jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+        from atpo_jax import models
+        from atpo_jax.train import sharding
+        from atpo_jax.train.checkpointing import Checkpointer
+
+        config = models.ModelConfig(model_type="qwen3", vocab_size=128, hidden_size=32,
+            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+        params = nnx.state(models.CausalLM(config, rngs=nnx.Rngs(0)), nnx.Param)
+        mesh8 = sharding.make_mesh(sharding.mesh_config(fsdp=8))
+        saved = {{
+            "params": sharding.shard_params(params, mesh8),
+            "table": jax.device_put(jnp.arange(64.0).reshape(16, 4),
+                                    NamedSharding(mesh8, P("fsdp", None))),
+        }}
+        kernel = saved["params"]["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+        out = {{"saved_spec": list(kernel.sharding.spec),
+                "saved_shards": len(kernel.addressable_shards)}}
+        with Checkpointer({str(tmp_path)!r}, save_every=1) as ckpt:
+            ckpt.save(1, saved)
+            ckpt.wait()
+
+            mesh = sharding.make_mesh(sharding.mesh_config(data=2, fsdp=1, tensor=4))
+            shardings = sharding.param_shardings(mesh, params)
+            target = {{
+                "params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=s), params, shardings),
+                "table": jax.ShapeDtypeStruct((16, 4), jnp.float32,
+                                              sharding=NamedSharding(mesh, P(None, "tensor"))),
+            }}
+            resharded = ckpt.restore(target=target)
+            one = SingleDeviceSharding(jax.devices()[5])
+            single = ckpt.restore(target=jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), saved))
+
+        def equal(a, b):
+            return all(np.array_equal(np.asarray(x), np.asarray(y))
+                       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+        def shardings_of(tree):
+            return [x.sharding for x in jax.tree.leaves(tree)]
+
+        out["mesh_equal"] = equal(resharded, saved)
+        out["mesh_shardings_match"] = (shardings_of(resharded["params"])
+                                       == jax.tree.leaves(shardings))
+        out["table_spec"] = list(resharded["table"].sharding.spec)
+        out["resharded_spec"] = list(
+            resharded["params"]["layers"][0]["mlp"]["up_proj"]["kernel"][...].sharding.spec)
+        out["single_equal"] = equal(single, saved)
+        out["single_devices"] = sorted({{d.id for x in jax.tree.leaves(single)
+                                         for d in x.devices()}})
+        emit(out)
+        """
+    )
+    assert result["saved_spec"] == ["fsdp", "tensor"]
+    assert result["saved_shards"] == 8
+    assert result["mesh_equal"] and result["single_equal"]
+    assert result["mesh_shardings_match"]
+    assert result["resharded_spec"] == ["fsdp", "tensor"]  # fsdp has size 1 on this mesh
+    assert result["table_spec"] == [None, "tensor"]
+    assert result["single_devices"] == [5]
