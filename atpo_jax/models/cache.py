@@ -16,6 +16,8 @@ token equals its cache position, so there are no holes and no per-slot offsets t
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -49,7 +51,7 @@ class KVCache:
         return self.k.shape[2]
 
 
-def init_cache(config: ModelConfig, num_slots: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(config: ModelConfig, num_slots: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty pool: zeros of shape [layers, num_slots, max_len, kv_heads, head_dim], lengths 0.
 
     ``dtype`` defaults to the model's compute dtype.

@@ -109,14 +109,10 @@ class Linear(nnx.Module):
         return y
 
 
-def matmul(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """[..., in] @ [in, out] -> [..., out] as one 2-D matmul (see ``Linear``)."""
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
     return y.reshape(*x.shape[:-1], w.shape[-1])
-
-
-def _linear(config: ModelConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> Linear:
-    return Linear(n_in, n_out, bias, config=config, rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -124,9 +120,9 @@ class MLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(config, h, f, False, rngs)
-        self.up_proj = _linear(config, h, f, False, rngs)
-        self.down_proj = _linear(config, f, h, False, rngs)
+        self.gate_proj = Linear(h, f, False, config=config, rngs=rngs)
+        self.up_proj = Linear(h, f, False, config=config, rngs=rngs)
+        self.down_proj = Linear(f, h, False, config=config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, H] -> [B, T, H]."""
@@ -167,10 +163,10 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         n, k, d, h = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
-        self.q_proj = _linear(config, h, n * d, config.qkv_bias, rngs)
-        self.k_proj = _linear(config, h, k * d, config.qkv_bias, rngs)
-        self.v_proj = _linear(config, h, k * d, config.qkv_bias, rngs)
-        self.o_proj = _linear(config, n * d, h, config.o_bias, rngs)
+        self.q_proj = Linear(h, n * d, config.qkv_bias, config=config, rngs=rngs)
+        self.k_proj = Linear(h, k * d, config.qkv_bias, config=config, rngs=rngs)
+        self.v_proj = Linear(h, k * d, config.qkv_bias, config=config, rngs=rngs)
+        self.o_proj = Linear(n * d, h, config.o_bias, config=config, rngs=rngs)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, config=config)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, config=config)
