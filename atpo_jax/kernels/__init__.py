@@ -17,6 +17,7 @@ from atpo_jax.kernels.losses import (
     kl_penalty,
     ppo_policy_loss,
 )
+from atpo_jax.kernels.outcome import group_normalized_advantages
 from atpo_jax.kernels.tree import (
     ADVANTAGE_MODES,
     VALUE_MODES,
@@ -37,6 +38,7 @@ __all__ = [
     "aggregate_loss",
     "atpo_policy_loss",
     "expansion_scores",
+    "group_normalized_advantages",
     "gspo_policy_loss",
     "kl_penalty",
     "normalize_leaf_rewards",

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from atpo_jax.kernels import token_entropy
 from atpo_jax.models import CausalLM, KVCache, fork_slots, forward_with_cache, init_cache
-from atpo_jax.rollout.sampling import SamplingParams, sample_next
+from atpo_jax.rollout.sampling import SamplingParams, sample_next, sampling_logits
 from atpo_jax.rollout.stop import StopStringMatcher
 
 FINISH_EOS = "eos"
@@ -151,6 +152,27 @@ def _decode_program(
     return cache, pending, tokens, log_probs, entropies, count, finish
 
 
+def _force_program(graphdef, state, cache, slots, pending, forced, active, *, kv_len, sampling):
+    """One teacher-forced step: feeds each slot's pending token and scores ``forced`` as the next one.
+
+    Returns (cache, log-prob [B] of the forced token under the sampling distribution, entropy [B]).
+    """
+    model = nnx.merge(graphdef, state)
+    logits, cache = forward_with_cache(
+        model,
+        pending[:, None],
+        cache,
+        slots,
+        active.astype(jnp.int32),
+        kv_len=kv_len,
+        last_only=True,
+    )
+    dist = sampling_logits(logits, sampling)
+    log_probs = jax.nn.log_softmax(dist, axis=-1)
+    picked = jnp.take_along_axis(log_probs, forced[:, None], axis=-1)[:, 0]
+    return cache, picked, token_entropy(dist)
+
+
 def _set_lengths(cache: KVCache, slots: jax.Array, lengths: jax.Array) -> KVCache:
     return cache.replace(lengths=cache.lengths.at[slots].set(lengths))
 
@@ -162,9 +184,10 @@ _PREFILL = jax.jit(_prefill_program, static_argnames=("kv_len",), donate_argname
 _DECODE = jax.jit(
     _decode_program, static_argnames=("steps", "kv_len", "sampling"), donate_argnames=("cache",)
 )
+_FORCE = jax.jit(_force_program, static_argnames=("kv_len", "sampling"), donate_argnames=("cache",))
 _FORK = jax.jit(fork_slots, donate_argnums=0)
 _SET_LENGTHS = jax.jit(_set_lengths, donate_argnums=0)
-_PROGRAMS = (_PREFILL, _DECODE, _FORK, _SET_LENGTHS)
+_PROGRAMS = (_PREFILL, _DECODE, _FORCE, _FORK, _SET_LENGTHS)
 
 
 def compiled_program_count() -> int:
@@ -222,7 +245,7 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self.cache = init_cache(model.config, num_slots, max_len, cache_dtype)
         self._seqs: list[list[int] | None] = [None] * num_slots
-        self._prefill, self._decode, self._fork, self._set_lengths = _PROGRAMS
+        self._prefill, self._decode, self._force, self._fork, self._set_lengths = _PROGRAMS
         self.prefill_tokens_computed = 0  # tokens run through the model by prefill/extend
 
     # ------------------------------------------------------------------ slot management
@@ -368,6 +391,47 @@ class Engine:
         self.cache = self._set_lengths(
             self.cache, jnp.asarray([slot], jnp.int32), jnp.asarray([length - 1], jnp.int32)
         )
+
+    def force(self, slots: Sequence[int], tokens: Sequence[int]) -> list[tuple[float, float]]:
+        """Appends one chosen token per slot and scores it like a sampled one.
+
+        For tokens the rollout inserts but trains on (the reference's EOS after an empty tool call):
+        the returned ``(log_prob, entropy)`` are those the sampler would have reported had it drawn
+        the token, so the behaviour policy's log-prob of every trained token is known.
+        """
+        slots = [int(s) for s in slots]
+        if len(set(slots)) != len(slots) or len(tokens) != len(slots):
+            raise ValueError("force: need distinct slots and one token per slot")
+        for slot in slots:
+            if not self._sequence(slot):
+                raise ValueError(f"force: slot {slot} is empty; prefill it first")
+            if len(self._seqs[slot]) >= self.max_len:
+                raise ValueError(f"force: slot {slot} is full (max_len {self.max_len})")
+        batch = self._batch_bucket(len(slots))
+        row_slots = self._padded_slots(slots, batch)
+        pending = np.zeros((batch,), np.int32)
+        forced = np.zeros((batch,), np.int32)
+        active = np.zeros((batch,), bool)
+        for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+            pending[i], forced[i], active[i] = self._seqs[slot][-1], int(token), True
+        longest = max(len(self._seqs[s]) for s in slots)
+        self.cache, log_probs, entropies = self._force(
+            self._graphdef,
+            self._state,
+            self.cache,
+            jnp.asarray(row_slots),
+            jnp.asarray(pending),
+            jnp.asarray(forced),
+            jnp.asarray(active),
+            kv_len=self._kv_bucket(longest + 1),
+            sampling=self.sampling,
+        )
+        log_probs, entropies = jax.device_get((log_probs, entropies))
+        for slot, token in zip(slots, tokens, strict=True):
+            self._seqs[slot].append(int(token))
+        return [
+            (float(lp), float(e)) for lp, e in zip(log_probs[: len(slots)], entropies, strict=False)
+        ]
 
     # ------------------------------------------------------------------ generation
 

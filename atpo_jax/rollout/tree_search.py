@@ -400,11 +400,11 @@ class TreeSearch:
             gens = self.engine.generate([n.slot for _, n in active], budgets, keys)
             stats.generate_seconds += time.perf_counter() - started
             stats.generate_calls += 1
-            continuing, calls, extends = [], [], []
+            continuing, calls, extends, forced = [], [], [], []
             for (tree, node), gen in zip(active, gens, strict=True):
                 stats.generated_tokens += len(gen.tokens)
                 self._record_generation(node, gen)
-                outcome = self._after_generation(tree, node, gen, stats, extends)
+                outcome = self._after_generation(tree, node, gen, stats, extends, forced)
                 if outcome == "continue":
                     continuing.append((tree, node))
                 elif outcome == "call":
@@ -417,6 +417,14 @@ class TreeSearch:
                 child = self._after_tool(tree, node, result, stats, extends)
                 if child is not None:
                     children.append((tree, child))
+            if forced:
+                # The reference trains an EOS after an empty tool call; score it as if sampled so
+                # its behaviour log-prob is known like every other trained token's.
+                scored = self.engine.force(
+                    [n.slot for n in forced], [self.eos_token_id] * len(forced)
+                )
+                for node, (log_prob, entropy) in zip(forced, scored, strict=True):
+                    node.append([self.eos_token_id], 1, [log_prob], [entropy])
             if extends:
                 self.engine.extend_many([s for s, _ in extends], [t for _, t in extends])
             for _, node in continuing + children:
@@ -438,7 +446,9 @@ class TreeSearch:
             sign = -1.0 if self.config.entropy_estimator == "sampled_nll" else 1.0
             node.entropy = sign * float(np.mean(values))
 
-    def _after_generation(self, tree: Tree, node: Node, gen: Generation, stats, extends) -> str:
+    def _after_generation(
+        self, tree: Tree, node: Node, gen: Generation, stats, extends, forced
+    ) -> str:
         """Applies ALGORITHM.md §1.3; returns ``leaf``, ``continue`` or ``call``."""
         cfg = self.config
         if gen.finish_reason == "stop":
@@ -461,8 +471,7 @@ class TreeSearch:
                     cfg.empty_call == "eos"
                     and tree.response_length(node.index) < cfg.max_response_len
                 ):
-                    node.append([self.eos_token_id], 1)
-                    extends.append((node.slot, [self.eos_token_id]))
+                    forced.append(node)
                 return self._make_leaf(node, "empty_call")
             if decision.action is TurnAction.CALL_LIMIT:
                 stats.call_limit_hits += 1

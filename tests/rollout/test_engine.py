@@ -95,6 +95,30 @@ def test_sampled_log_probs_and_entropy_match_full_forward(model):
         np.testing.assert_allclose(result.entropies, ent[0, start : start + n], atol=1e-4)
 
 
+def test_forced_tokens_are_scored_like_sampled_ones(model):
+    engine = make_engine(model)
+    slots = engine.allocate(2)
+    engine.prefill_many(slots, PROMPTS[:2])
+    scored = engine.force(slots, [7, 0])
+    for prompt, slot, token, (log_prob, entropy) in zip(
+        PROMPTS[:2], slots, [7, 0], scored, strict=True
+    ):
+        assert engine.tokens(slot) == prompt + [token]
+        seq = jnp.asarray([prompt + [token]])
+        targets = jnp.concatenate([seq[:, 1:], jnp.zeros((1, 1), seq.dtype)], axis=1)
+        lp, ent = models.token_log_probs(model, seq, targets, return_entropy=True)
+        np.testing.assert_allclose(log_prob, lp[0, len(prompt) - 1], atol=1e-4)
+        np.testing.assert_allclose(entropy, ent[0, len(prompt) - 1], atol=1e-4)
+    # Generation continues after the forced token exactly as after a prefill of the same sequence.
+    greedy = make_engine(model, sampling=SamplingParams(temperature=0.0))
+    a, b = greedy.allocate(2)
+    greedy.prefill(a, PROMPTS[0])
+    greedy.force([a], [7])
+    greedy.prefill(b, PROMPTS[0] + [7])
+    ra, rb = greedy.generate([a, b], [8, 8], jax.random.key(0))
+    assert ra.tokens == rb.tokens
+
+
 def test_sampling_is_reproducible_and_independent_of_batching(model):
     def run(prompts, keys):
         engine = make_engine(model)

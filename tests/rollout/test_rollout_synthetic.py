@@ -101,13 +101,12 @@ def test_random_model_trees_are_well_formed(world):
         mask = [m for i in tree.path(row.leaf) for m in tree.nodes[i].loss_mask]
         np.testing.assert_array_equal(batch.response_tokens[r, : len(tokens)], tokens)
         np.testing.assert_array_equal(batch.loss_mask[r, : len(mask)], mask)
-        # Sampled tokens carry sampler log-probs; inserted tokens carry none. The one trained token
-        # that was not sampled is the EOS appended after an empty tool call (reference behaviour).
+        # Every trained token carries its behaviour log-prob (the EOS the reference appends after an
+        # empty tool call is scored by Engine.force); inserted tokens carry none.
         lp = batch.sampled_log_probs[r, : len(mask)]
         mask = np.asarray(mask)
         if row.finish == "empty_call":
-            assert tokens[-1] == tokenizer.eos_token_id and lp[-1] == 0 and mask[-1] == 1
-            mask, lp = mask[:-1], lp[:-1]
+            assert tokens[-1] == tokenizer.eos_token_id and mask[-1] == 1
         assert np.all(lp[mask == 1] < 0) and np.all(lp[mask == 0] == 0)
     metrics = out.metrics
     assert metrics["rollout/response_length_max"] <= 48

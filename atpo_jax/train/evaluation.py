@@ -1,0 +1,91 @@
+"""Greedy single-chain evaluation: EM / F1 per ``data_source``, as the paper's tables report.
+
+Validation follows the reference (ALGORITHM.md §1.6, §3.1): greedy decoding, one chain per
+question, no tree and no credit, and the reward's format check skipped (``validate=True``); the
+reported numbers are exact match and token F1 of the extracted ``\\boxed{}`` answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from atpo_jax.data.prompts import encode_prompt
+from atpo_jax.data.rows import QARow
+from atpo_jax.rewards.qa import compute_reward
+from atpo_jax.rollout.tree_search import TreeSearch
+
+
+def evaluate(
+    search: TreeSearch,
+    tokenizer: Any,
+    rows: Sequence[QARow],
+    *,
+    batch_prompts: int,
+    reward_mode: str = "em_format",
+) -> dict[str, Any]:
+    """Runs every question once (greedy) and scores it.
+
+    Returns ``{"em", "f1", "n", "by_source": {source: {"em", "f1", "n"}}, "samples": [...]}`` where
+    ``em``/``f1`` average over all questions and ``samples`` holds the first few transcripts.
+    """
+    if search.config.mode != "chain" or search.config.samples_per_tree != 1:
+        raise ValueError(
+            "evaluate() needs a single-chain search (components.build_search(evaluation=True))"
+        )
+    prompts = [encode_prompt(tokenizer, row.prompt) for row in rows]
+    ems, f1s, texts = [], [], []
+    for start in range(0, len(rows), batch_prompts):
+        chunk = prompts[start : start + batch_prompts]
+        out = search.rollout(chunk, step=0, tree_ids=range(start, start + len(chunk)))
+        for text, row in zip(out.texts, rows[start : start + len(chunk)], strict=True):
+            result = compute_reward(text, row.golds, mode=reward_mode, validate=True)
+            ems.append(result.em)
+            f1s.append(result.f1)
+            texts.append(text)
+    by_source: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"em": [], "f1": []})
+    for row, em, f1 in zip(rows, ems, f1s, strict=True):
+        by_source[row.data_source]["em"].append(em)
+        by_source[row.data_source]["f1"].append(f1)
+    return {
+        "em": float(np.mean(ems)) if ems else 0.0,
+        "f1": float(np.mean(f1s)) if f1s else 0.0,
+        "n": len(ems),
+        "by_source": {
+            source: {
+                "em": float(np.mean(v["em"])),
+                "f1": float(np.mean(v["f1"])),
+                "n": len(v["em"]),
+            }
+            for source, v in sorted(by_source.items())
+        },
+        "samples": [
+            {"question": row.extra_info.get("question", ""), "golds": row.golds, "response": text}
+            for row, text in list(zip(rows, texts, strict=True))[:5]
+        ],
+    }
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """EM / F1 (in %) per data source plus the average over sources and over questions."""
+    sources = results["by_source"]
+    lines = ["| data_source | n | EM | F1 |", "|---|---|---|---|"]
+    for source, r in sources.items():
+        lines.append(f"| {source} | {r['n']} | {100 * r['em']:.2f} | {100 * r['f1']:.2f} |")
+    if sources:
+        avg_em = np.mean([r["em"] for r in sources.values()])
+        avg_f1 = np.mean([r["f1"] for r in sources.values()])
+        lines.append(f"| average over sources | | {100 * avg_em:.2f} | {100 * avg_f1:.2f} |")
+    lines.append(
+        f"| all questions | {results['n']} | {100 * results['em']:.2f} | {100 * results['f1']:.2f} |"
+    )
+    return "\n".join(lines)
+
+
+def save_results(results: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)

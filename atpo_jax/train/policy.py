@@ -1,0 +1,242 @@
+"""Policy log-probs and the RL update: mini-batches of micro-batches, one jitted program each.
+
+A training row is the tree's prompt (left-padded to P) followed by the leaf's response (right-padded
+to R). The policy's log-probs of the response tokens come from the hidden states at positions
+``P-1 .. P+R-2`` projected through the lm_head in chunks (``models.log_probs_from_hidden``), so the
+[rows, R, vocab] logits are never materialised.
+
+An update consumes one mini-batch: a ``lax.scan`` over its micro-batches accumulates gradients of
+the configured loss (``kernels.atpo_policy_loss`` / ``gspo_policy_loss`` / ``ppo_policy_loss``, plus
+an optional KL term), then one optax update applies them. Each micro-batch loss is weighted by its
+share of the mini-batch's normaliser (non-empty rows for the ``seq-mean-*`` aggregations, tokens for
+``token-mean``), so the accumulated gradient equals the gradient of the loss over the whole
+mini-batch, whatever the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from atpo_jax import kernels
+from atpo_jax.models import CausalLM, log_probs_from_hidden
+
+POLICY_LOSSES = ("atpo", "gspo", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """Static settings of the policy loss (hashable: part of the compiled program)."""
+
+    policy_loss: str = "atpo"
+    clip_low: float = 3e-3
+    clip_high: float = 4e-3
+    max_log_ratio: float = 10.0
+    dual_clip: float | None = 3.0
+    loss_agg: str = "seq-mean-token-mean"
+    kl_coef: float = 0.0
+    kl_kind: str = "low_var_kl"
+    log_prob_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(
+                f"loss.policy_loss={self.policy_loss!r} is not one of {', '.join(POLICY_LOSSES)}"
+            )
+        if self.loss_agg not in kernels.LOSS_AGG_MODES:
+            raise ValueError(
+                f"loss.loss_agg={self.loss_agg!r} is not one of {', '.join(kernels.LOSS_AGG_MODES)}"
+            )
+        if self.kl_coef < 0:
+            raise ValueError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
+
+
+@struct.dataclass
+class PolicyRows:
+    """Rows for log-prob computation and the update ([rows, ...] each).
+
+    ``input_ids``/``attention_mask`` [rows, P+R]: prompt (left-padded) then response; ``response``
+    [rows, R] the response tokens; ``loss_mask`` [rows, R]; ``advantages`` [rows, R];
+    ``old_log_probs`` / ``ref_log_probs`` [rows, R]; ``turn_ids`` [rows, R] (-1 outside turns).
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    response: jax.Array
+    loss_mask: jax.Array
+    advantages: jax.Array
+    old_log_probs: jax.Array
+    ref_log_probs: jax.Array
+    turn_ids: jax.Array
+
+
+def turn_ids_numpy(loss_mask: np.ndarray) -> np.ndarray:
+    """Host version of ``kernels.turn_ids_from_mask`` (computed once per batch, off the hot path)."""
+    inside = np.asarray(loss_mask) != 0
+    before = np.zeros_like(inside)
+    before[:, 1:] = inside[:, :-1]
+    ids = np.cumsum(inside & ~before, axis=1, dtype=np.int32) - 1
+    return np.where(inside, ids, -1).astype(np.int32)
+
+
+def policy_rows(
+    prompt_tokens: np.ndarray,
+    prompt_mask: np.ndarray,
+    tree_index: np.ndarray,
+    response: np.ndarray,
+    loss_mask: np.ndarray,
+    advantages: np.ndarray | None = None,
+    old_log_probs: np.ndarray | None = None,
+) -> PolicyRows:
+    """Builds :class:`PolicyRows` (NumPy) from per-tree prompts and per-row responses."""
+    rows, length = response.shape
+    prompts = np.asarray(prompt_tokens)[tree_index]
+    masks = np.asarray(prompt_mask)[tree_index]
+    zeros = np.zeros((rows, length), np.float32)
+    return PolicyRows(
+        input_ids=np.concatenate([prompts, response], axis=1).astype(np.int32),
+        # Response padding sits after the response, so causal attention never lets a real token
+        # see it; marking it real keeps every row's real tokens contiguous.
+        attention_mask=np.concatenate([masks, np.ones((rows, length), np.int32)], axis=1),
+        response=np.asarray(response, np.int32),
+        loss_mask=np.asarray(loss_mask, np.int32),
+        advantages=zeros if advantages is None else np.asarray(advantages, np.float32),
+        old_log_probs=zeros if old_log_probs is None else np.asarray(old_log_probs, np.float32),
+        ref_log_probs=zeros,
+        turn_ids=turn_ids_numpy(loss_mask),
+    )
+
+
+def response_log_probs(
+    model: CausalLM, rows: PolicyRows, *, return_entropy: bool = False, chunk: int = 512
+):
+    """[rows, R] log-probs (and exact entropies) of each response token under ``model``."""
+    prompt_len = rows.input_ids.shape[1] - rows.response.shape[1]
+    hidden = model.hidden_states(rows.input_ids, rows.attention_mask)
+    hidden = hidden[:, prompt_len - 1 : -1]
+    return log_probs_from_hidden(
+        hidden,
+        model.lm_head_weight(),
+        rows.response,
+        rows.loss_mask,
+        chunk=chunk,
+        return_entropy=return_entropy,
+    )
+
+
+def loss_normalizer(loss_mask: jax.Array, loss_agg: str) -> jax.Array:
+    """What the aggregation divides by: non-empty rows (seq-mean-*), tokens (token-mean), 1 (norm)."""
+    if loss_agg == "token-mean":
+        return jnp.sum(loss_mask != 0).astype(jnp.float32)
+    if loss_agg == "seq-mean-token-sum-norm":
+        return jnp.float32(1.0)
+    return jnp.sum(jnp.any(loss_mask != 0, axis=-1)).astype(jnp.float32)
+
+
+def policy_loss(model: CausalLM, rows: PolicyRows, settings: LossSettings):
+    """The configured loss on one micro-batch; returns (loss, metrics)."""
+    log_probs, entropy = response_log_probs(
+        model, rows, return_entropy=True, chunk=settings.log_prob_chunk
+    )
+    common = dict(
+        clip_low=settings.clip_low, clip_high=settings.clip_high, loss_agg=settings.loss_agg
+    )
+    args = (log_probs, rows.old_log_probs, rows.advantages, rows.loss_mask)
+    if settings.policy_loss == "atpo":
+        loss, metrics = kernels.atpo_policy_loss(
+            *args, turn_ids=rows.turn_ids, max_log_ratio=settings.max_log_ratio, **common
+        )
+    elif settings.policy_loss == "gspo":
+        loss, metrics = kernels.gspo_policy_loss(
+            *args, max_log_ratio=settings.max_log_ratio, **common
+        )
+    else:
+        loss, metrics = kernels.ppo_policy_loss(*args, dual_clip=settings.dual_clip, **common)
+    metrics = dict(metrics)
+    metrics["pg_loss"] = loss
+    mask = rows.loss_mask.astype(jnp.float32)
+    metrics["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * mask) / jnp.maximum(mask.sum(), 1)
+    if settings.kl_coef > 0:
+        kl = kernels.kl_penalty(log_probs, rows.ref_log_probs, kind=settings.kl_kind)
+        kl_loss = kernels.aggregate_loss(kl, mask, settings.loss_agg)
+        metrics["kl_loss"] = kl_loss
+        loss = loss + settings.kl_coef * kl_loss
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def _split_micro(rows: PolicyRows, micro_rows: int) -> PolicyRows:
+    """[M, ...] -> [M / micro_rows, micro_rows, ...]."""
+    total = rows.response.shape[0]
+    if total % micro_rows:
+        raise ValueError(
+            f"train.micro_batch_rows={micro_rows} must divide the mini-batch rows ({total})"
+        )
+    return jax.tree.map(lambda x: x.reshape(total // micro_rows, micro_rows, *x.shape[1:]), rows)
+
+
+def make_update_fn(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    settings: LossSettings,
+    micro_rows: int,
+    *,
+    donate: bool = True,
+) -> Callable:
+    """A jitted ``update(params, opt_state, rows) -> (params, opt_state, metrics)`` for one mini-batch."""
+
+    def update(params, opt_state, rows: PolicyRows):
+        micro = _split_micro(rows, micro_rows)
+        total_weight = loss_normalizer(rows.loss_mask, settings.loss_agg)
+
+        def micro_step(carry, batch):
+            grads_acc, metrics_acc = carry
+            weight = loss_normalizer(batch.loss_mask, settings.loss_agg)
+
+            def weighted_loss(p):
+                loss, metrics = policy_loss(nnx.merge(graphdef, p), batch, settings)
+                return loss * weight / jnp.maximum(total_weight, 1e-9), metrics
+
+            grads, metrics = jax.grad(weighted_loss, has_aux=True)(params)
+            share = weight / jnp.maximum(total_weight, 1e-9)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            metrics_acc = jax.tree.map(lambda a, m: a + share * m, metrics_acc, metrics)
+            return (grads_acc, metrics_acc), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        first = jax.tree.map(lambda x: x[0], micro)
+        metric_shapes = jax.eval_shape(
+            lambda: policy_loss(nnx.merge(graphdef, params), first, settings)[1]
+        )
+        init_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, init_metrics), micro)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, metrics
+
+    return jax.jit(update, donate_argnums=(0, 1) if donate else ())
+
+
+def make_log_prob_fn(graphdef: nnx.GraphDef, micro_rows: int, chunk: int = 512) -> Callable:
+    """A jitted ``log_probs(params, rows) -> [rows, R]`` (no gradient), micro-batched with lax.map."""
+
+    def log_probs(params, rows: PolicyRows):
+        model = nnx.merge(graphdef, params)
+        micro = _split_micro(rows, micro_rows)
+        out = jax.lax.map(lambda r: response_log_probs(model, r, chunk=chunk), micro)
+        return out.reshape(rows.response.shape)
+
+    return jax.jit(log_probs)
+
+
+def params_of(model: CausalLM) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, params) of a model: the split the jitted programs take."""
+    return nnx.split(model)

@@ -1,0 +1,126 @@
+"""Supervised warm start on expert demonstrations (token-mean cross-entropy on trainable tokens).
+
+A demonstration is encoded exactly like an RL row (prompt through the chat template, left-padded;
+response segments tokenized one by one, tool observations with loss mask 0), so the warm-started
+policy sees the same token layout it will generate in the rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from atpo_jax.data.synthetic import demo_segments
+from atpo_jax.data.transcripts import encode_transcript
+from atpo_jax.train.policy import PolicyRows, policy_rows, response_log_probs
+
+logger = logging.getLogger(__name__)
+
+
+def encode_demonstrations(
+    tokenizer: Any, demos: Sequence[dict], max_prompt_len: int, max_response_len: int
+) -> PolicyRows:
+    """Demonstration records -> padded rows; demos that do not fit are reported and left out."""
+    prompts, responses, masks = [], [], []
+    too_long = 0
+    for demo in demos:
+        encoded = encode_transcript(tokenizer, demo["prompt"], demo_segments(demo))
+        if len(encoded.prompt_ids) > max_prompt_len or len(encoded.response_ids) > max_response_len:
+            too_long += 1
+            continue
+        prompts.append(encoded.prompt_ids)
+        responses.append(encoded.response_ids)
+        masks.append(encoded.loss_mask)
+    if too_long:
+        logger.warning(
+            "sft: %d of %d demonstrations exceed rollout.max_prompt_len=%d or max_response_len=%d "
+            "and are not used",
+            too_long,
+            len(demos),
+            max_prompt_len,
+            max_response_len,
+        )
+    if not prompts:
+        raise ValueError("sft: no demonstration fits rollout.max_prompt_len / max_response_len")
+    n = len(prompts)
+    prompt_tokens = np.full((n, max_prompt_len), tokenizer.pad_token_id or 0, np.int32)
+    prompt_mask = np.zeros((n, max_prompt_len), np.int32)
+    response = np.full((n, max_response_len), tokenizer.pad_token_id or 0, np.int32)
+    loss_mask = np.zeros((n, max_response_len), np.int32)
+    for i, (p, r, m) in enumerate(zip(prompts, responses, masks, strict=True)):
+        prompt_tokens[i, max_prompt_len - len(p) :] = p
+        prompt_mask[i, max_prompt_len - len(p) :] = 1
+        response[i, : len(r)] = r
+        loss_mask[i, : len(m)] = m
+    return policy_rows(prompt_tokens, prompt_mask, np.arange(n), response, loss_mask)
+
+
+def sft_optimizer(
+    learning_rate: float, steps: int, warmup_steps: int
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay, global-norm clipping at 1."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(1, warmup_steps), max(steps, warmup_steps + 1), learning_rate * 0.1
+    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+
+def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> Callable:
+    """Jitted ``step(params, opt_state, rows) -> (params, opt_state, loss)``."""
+
+    def loss_fn(params, rows: PolicyRows):
+        log_probs = response_log_probs(nnx.merge(graphdef, params), rows)
+        mask = rows.loss_mask.astype(jnp.float32)
+        return -jnp.sum(log_probs * mask) / jnp.maximum(mask.sum(), 1.0)
+
+    def step(params, opt_state, rows):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rows)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_sft(
+    model: Any,
+    rows: PolicyRows,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup_steps: int,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Trains ``model`` in place on ``rows`` for ``steps`` steps; returns the loss per step.
+
+    Batches are drawn without replacement from a seeded permutation per epoch, so the warm start is
+    reproducible.
+    """
+    graphdef, params = nnx.split(model)
+    optimizer = sft_optimizer(learning_rate, steps, warmup_steps)
+    opt_state = optimizer.init(params)
+    step_fn = make_sft_step(graphdef, optimizer)
+    total = rows.response.shape[0]
+    batch_size = min(batch_size, total)
+    rng = np.random.default_rng(seed)
+    order, cursor, losses = rng.permutation(total), 0, []
+    for step in range(steps):
+        if cursor + batch_size > total:
+            order, cursor = rng.permutation(total), 0
+        index = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        batch = jax.tree.map(lambda x, index=index: x[index], rows)
+        params, opt_state, loss = step_fn(params, opt_state, batch)
+        losses.append(loss)  # kept on device: no host sync per step
+        if on_step is not None:
+            on_step(step, loss)
+    nnx.update(model, params)
+    return [float(x) for x in jax.device_get(losses)]

@@ -1,0 +1,394 @@
+"""The AT²PO training loop (DESIGN.md §1, §7; ALGORITHM.md §3-§5).
+
+One RL step::
+
+    prompts ─► tree search (engine + tools) ─► RolloutBatch
+            ─► rewards (EM with format check) ─► credit (tree values or GRPO) ─► token advantages
+            ─► old log-probs (recomputed, or the sampler's) [+ reference log-probs]
+            ─► ppo_epochs × mini-batches of jitted updates ─► metrics, traces, checkpoint, eval
+
+Step numbering: checkpoint k holds the state after k RL steps; checkpoint 0 is the warm-started
+policy. Every random choice derives from (seed, step, tree, node) and the data order from (seed,
+epoch), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from atpo_jax.data.prompts import encode_prompt
+from atpo_jax.data.synthetic import read_demos
+from atpo_jax.rewards.qa import compute_reward
+from atpo_jax.rollout.trace import tree_records, write_trace
+from atpo_jax.train import components, evaluation, flops
+from atpo_jax.train.checkpointing import Checkpointer, install_sigterm_handler
+from atpo_jax.train.credit import assign_credit
+from atpo_jax.train.metrics import MetricsWriter, PhaseTimer, ProgressBar, plot_learning_curves
+from atpo_jax.train.optimizer import build_optimizer, current_learning_rate, nonfinite_skips
+from atpo_jax.train.policy import make_log_prob_fn, make_update_fn, policy_rows
+from atpo_jax.train.sft import encode_demonstrations, run_sft
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """The questions of one RL step."""
+
+    indices: list[int]  # positions in the training set (global tree ids)
+    prompts: list[list[int]]
+    golds: list[list[str]]
+
+
+class Trainer:
+    """Owns the model, optimizer, rollout machinery, checkpoints and metrics of one run."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        components.validate(config)
+        self.config = config
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.data = components.load_data(config, workdir)
+        self.tokenizer = self.data.tokenizer
+        self.train_prompts = self._encode_rows(self.data.train, "training")
+        self.toolbox = components.build_toolbox(config, self.data.corpus)
+        if config.tools.retriever_url:
+            components.check_retriever(self.toolbox, "tools.retriever_url")
+        self.model = components.build_model(config, len(self.tokenizer))
+        if self.model.config.vocab_size < len(self.tokenizer):
+            raise components.ConfigError(
+                f"the model's vocabulary ({self.model.config.vocab_size}) is smaller than the "
+                f"tokenizer's ({len(self.tokenizer)}): model.path and data.tokenizer_path disagree"
+            )
+        self.search = components.build_search(config, self.model, self.tokenizer, self.toolbox)
+        eval_batch = config.eval.batch_prompts
+        self.eval_search = components.build_search(
+            config,
+            self.model,
+            self.tokenizer,
+            self.toolbox,
+            evaluation=True,
+            num_slots=2 * eval_batch,
+        )
+        self.loss_settings = components.loss_settings(config)
+        self.credit_settings = components.credit_settings(config)
+        self.graphdef, self.params = nnx.split(self.model)
+        t = config.train
+        self.samples = config.rollout.samples_per_tree
+        self.mini_rows = t.mini_batch_prompts * self.samples
+        updates_per_step = t.ppo_epochs * (t.prompts_per_step // t.mini_batch_prompts)
+        optim = config.optim.to_dict()
+        optim["total_steps"] = optim["total_steps"] or t.steps * updates_per_step
+        self.optim_config = optim
+        self.optimizer = build_optimizer(optim)
+        self.opt_state = self.optimizer.init(self.params)
+        self.update_fn = make_update_fn(
+            self.graphdef, self.optimizer, self.loss_settings, t.micro_batch_rows
+        )
+        self.log_prob_fn = make_log_prob_fn(self.graphdef, t.micro_batch_rows)
+        # The frozen reference policy only exists (and only runs) when its KL term does.
+        self.ref_params = (
+            jax.tree.map(jnp.copy, self.params) if self.loss_settings.kl_coef > 0 else None
+        )
+        self.checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.checkpoint.keep,
+            save_every=config.checkpoint.every,
+        )
+        self.writer = MetricsWriter(
+            workdir,
+            tensorboard=config.logging.tensorboard,
+            wandb_project=config.logging.wandb_project or None,
+            wandb_config=config.to_dict(),
+        )
+        self.timer = PhaseTimer()
+        self.step = 0
+
+    # ------------------------------------------------------------------ data
+
+    def _encode_rows(self, rows, what: str) -> list[list[int]]:
+        limit = self.config.rollout.max_prompt_len
+        encoded = [encode_prompt(self.tokenizer, row.prompt) for row in rows]
+        too_long = [i for i, p in enumerate(encoded) if len(p) > limit]
+        if too_long:
+            raise components.ConfigError(
+                f"{len(too_long)} {what} prompts are longer than rollout.max_prompt_len={limit} "
+                f"(first: row {too_long[0]} with {len(encoded[too_long[0]])} tokens); raise it"
+            )
+        return encoded
+
+    def step_batch(self, step: int) -> StepBatch:
+        """The prompts of RL step ``step`` (1-based): a seeded permutation per epoch, no drops."""
+        n = len(self.train_prompts)
+        per_step = self.config.train.prompts_per_step
+        start = (step - 1) * per_step
+        indices = []
+        for q in range(start, start + per_step):
+            epoch, offset = divmod(q, n)
+            if self.config.data.shuffle:
+                order = np.random.default_rng([self.config.seed, epoch]).permutation(n)
+                indices.append(int(order[offset]))
+            else:
+                indices.append(offset)
+        return StepBatch(
+            indices=indices,
+            prompts=[self.train_prompts[i] for i in indices],
+            golds=[self.data.train[i].golds for i in indices],
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def _sync_model(self) -> None:
+        """Points the model and both engines at the current parameters (after updates)."""
+        nnx.update(self.model, self.params)
+        self.search.engine.set_model(self.model)
+        self.eval_search.engine.set_model(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "opt_state": self.opt_state,
+            "step": self.step,
+            "data_position": self.step * self.config.train.prompts_per_step,
+        }
+
+    def restore(self, step: int) -> None:
+        restored = self.checkpointer.restore(step, target=self.state_dict())
+        self.params, self.opt_state = restored["params"], restored["opt_state"]
+        self.step = int(restored["step"])
+        self._sync_model()
+        logger.info("resumed from checkpoint step %d", self.step)
+
+    # ------------------------------------------------------------------ warm start and eval
+
+    def warm_start(self) -> None:
+        """Supervised warm start on the demonstrations (synthetic data), then checkpoint 0."""
+        cfg = self.config.sft
+        if cfg.steps > 0:
+            if not self.data.demos:
+                raise components.ConfigError(
+                    "sft.steps > 0 needs demonstrations (data.source=synthetic); set sft.steps=0"
+                )
+            rows = encode_demonstrations(
+                self.tokenizer,
+                read_demos(self.data.demos),
+                self.config.rollout.max_prompt_len,
+                self.config.rollout.max_response_len,
+            )
+            with self.timer.phase("sft"):
+                losses = run_sft(
+                    self.model,
+                    rows,
+                    steps=cfg.steps,
+                    batch_size=cfg.batch_size,
+                    learning_rate=cfg.learning_rate,
+                    warmup_steps=cfg.warmup_steps,
+                    seed=self.config.seed,
+                )
+            self.graphdef, self.params = nnx.split(self.model)
+            self.opt_state = self.optimizer.init(self.params)
+            self._sync_model()
+            self.writer.write(
+                0, {"sft/loss_first": losses[0], "sft/loss_last": losses[-1], **self.timer.pop()}
+            )
+        self.checkpointer.save(0, self.state_dict(), force=True)
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Greedy single-chain EM/F1 on the evaluation split; written to ``eval_<step>.json``."""
+        rows = self.data.eval
+        if self.config.eval.max_questions:
+            rows = rows[: self.config.eval.max_questions]
+        if not rows:
+            return {}
+        with self.timer.phase("eval"):
+            results = evaluation.evaluate(
+                self.eval_search,
+                self.tokenizer,
+                rows,
+                batch_prompts=self.config.eval.batch_prompts,
+                reward_mode=self.config.reward.mode,
+            )
+        evaluation.save_results(results, os.path.join(self.workdir, f"eval_{step:06d}.json"))
+        metrics = {"eval/em": results["em"], "eval/f1": results["f1"]}
+        for source, r in results["by_source"].items():
+            metrics[f"eval/em/{source}"] = r["em"]
+        self.writer.write(step, metrics)
+        logger.info("eval at step %d:\n%s", step, evaluation.markdown_table(results))
+        return results
+
+    # ------------------------------------------------------------------ one RL step
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        batch_spec = self.step_batch(step)
+        with self.timer.phase("rollout"):
+            out = self.search.rollout(batch_spec.prompts, step, tree_ids=batch_spec.indices)
+        with self.timer.phase("reward"):
+            results = [
+                compute_reward(
+                    text,
+                    batch_spec.golds[r // self.samples],
+                    mode=cfg.reward.mode,
+                    python_bonus=cfg.reward.python_bonus,
+                )
+                for r, text in enumerate(out.texts)
+            ]
+            scores = np.array([r.score for r in results], np.float32)
+        batch = out.batch.with_leaf_rewards(scores)
+        with self.timer.phase("credit"):
+            credit = assign_credit(
+                batch.parent,
+                batch.is_leaf,
+                batch.valid,
+                batch.entropy,
+                batch.leaf_reward,
+                scores,
+                batch.tree_index,
+                batch.token_node,
+                settings=self.credit_settings,
+                samples_per_tree=self.samples,
+            )
+            advantages = np.asarray(credit["advantages"])
+        rows = policy_rows(
+            batch.prompt_tokens,
+            batch.prompt_mask,
+            batch.tree_index,
+            batch.response_tokens,
+            batch.loss_mask,
+            advantages=advantages,
+            old_log_probs=batch.sampled_log_probs if cfg.loss.old_log_probs == "sampler" else None,
+        )
+        with self.timer.phase("log_probs"):
+            if cfg.loss.old_log_probs == "recompute":
+                rows = rows.replace(old_log_probs=self.log_prob_fn(self.params, rows))
+            if self.ref_params is not None:
+                rows = rows.replace(ref_log_probs=self.log_prob_fn(self.ref_params, rows))
+            jax.block_until_ready(rows.old_log_probs)
+        with self.timer.phase("update"):
+            update_metrics = []
+            for _ in range(cfg.train.ppo_epochs):
+                for start in range(0, rows.response.shape[0], self.mini_rows):
+                    mini = jax.tree.map(lambda x, s=start: x[s : s + self.mini_rows], rows)
+                    self.params, self.opt_state, m = self.update_fn(
+                        self.params, self.opt_state, mini
+                    )
+                    update_metrics.append(m)
+            update_metrics = jax.device_get(update_metrics)
+        self._sync_model()
+        self.step = step
+        metrics = self._step_metrics(out, results, scores, rows, credit, update_metrics)
+        if cfg.rollout.trace_every and step % cfg.rollout.trace_every == 0:
+            self._write_trace(step, out, batch, credit)
+        return metrics
+
+    def _step_metrics(self, out, results, scores, rows, credit, update_metrics) -> dict[str, float]:
+        mask = np.asarray(rows.loss_mask) != 0
+        adv = np.asarray(rows.advantages)[mask]
+        metrics = {
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()),
+            "em": float(np.mean([r.em for r in results])),
+            "f1": float(np.mean([r.f1 for r in results])),
+            "format_failure_rate": float(np.mean(scores < 0)),
+            "advantage/mean": float(adv.mean()) if adv.size else 0.0,
+            "advantage/std": float(adv.std()) if adv.size else 0.0,
+            "advantage/max": float(adv.max()) if adv.size else 0.0,
+            "advantage/min": float(adv.min()) if adv.size else 0.0,
+            "lr": float(current_learning_rate(self.optim_config, self.opt_state)),
+            "nonfinite_skips": float(nonfinite_skips(self.opt_state)),
+            "trained_tokens": float(mask.sum()),
+            **out.metrics,
+        }
+        for key in update_metrics[0]:
+            metrics[f"update/{key}"] = float(np.mean([m[key] for m in update_metrics]))
+        metrics.update(self.timer.pop())
+        rollout_s = metrics.get("time/rollout_s", 0.0)
+        update_s = metrics.get("time/update_s", 0.0) + metrics.get("time/log_probs_s", 0.0)
+        generated = out.metrics["rollout/generated_tokens"]
+        context = rows.input_ids.shape[1]
+        processed = float(np.asarray(rows.attention_mask).sum())
+        if rollout_s:
+            metrics["throughput/generated_tokens_per_s"] = generated / rollout_s
+        if update_s:
+            metrics["throughput/train_tokens_per_s"] = processed / update_s
+            peak = flops.peak_flops_per_device()
+            passes = self.config.train.ppo_epochs * 3 + (
+                self.config.loss.old_log_probs == "recompute"
+            )
+            used = flops.forward_flops_per_token(self.model.config, context) * processed * passes
+            value = flops.mfu(used / jax.device_count(), update_s, peak)
+            if value is not None:
+                metrics["throughput/mfu"] = value
+        return metrics
+
+    def _write_trace(self, step: int, out, batch, credit) -> None:
+        records = tree_records(
+            out.trees,
+            self.tokenizer.decode,
+            values=np.asarray(credit["node_values"]),
+            advantages=np.asarray(credit["node_advantages"]),
+            leaf_rewards=np.asarray(batch.leaf_reward),
+        )
+        write_trace(os.path.join(self.workdir, "traces"), step, records)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Trains for ``train.steps`` steps (continuing from the latest checkpoint with ``resume``)."""
+        cfg = self.config
+        latest = self.checkpointer.latest_step() if resume else None
+        if latest is None:
+            self.warm_start()
+            self.evaluate(0)
+        else:
+            self.restore(latest)
+        shutdown = install_sigterm_handler(self._save_now)
+        progress = ProgressBar(
+            cfg.train.steps, initial=self.step, postfix_keys=("reward/mean", "em")
+        )
+        last_eval: dict[str, Any] = {}
+        try:
+            for step in range(self.step + 1, cfg.train.steps + 1):
+                metrics = self.train_step(step)
+                self.writer.write(step, metrics)
+                progress.update(metrics)
+                if cfg.eval.every and step % cfg.eval.every == 0:
+                    last_eval = self.evaluate(step)
+                self.checkpointer.save(step, self.state_dict())
+                shutdown.check()
+            if not (cfg.eval.every and self.step % cfg.eval.every == 0):
+                last_eval = self.evaluate(self.step)
+            self.checkpointer.save(self.step, self.state_dict(), force=True)
+            self.checkpointer.wait()
+            if cfg.checkpoint.export_hf:
+                from atpo_jax.models import save_pretrained
+
+                save_pretrained(
+                    self.model, os.path.join(self.workdir, "hf_export"), tokenizer=self.tokenizer
+                )
+        finally:
+            progress.close()
+            shutdown.uninstall()
+            self.writer.close()
+            self.checkpointer.close()
+        if cfg.logging.plot:
+            plot_learning_curves(
+                self.writer.path,
+                os.path.join(self.workdir, "learning_curves.png"),
+                keys=("reward/mean", "em", "eval/em", "update/entropy"),
+            )
+        return last_eval
+
+    def _save_now(self) -> None:
+        self.checkpointer.save(self.step, self.state_dict(), force=True)
+        self.checkpointer.wait()
+        self.writer.close()
