@@ -52,9 +52,10 @@ def hf_param_name(path: tuple[Any, ...]) -> tuple[str, bool]:
 
 
 def _torch_dtype_name(dtype: Any) -> str:
-    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
-        jnp.dtype(dtype).name
-    ]
+    name = jnp.dtype(dtype).name
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"save_pretrained: dtype {name} is not one of float32, bfloat16, float16")
+    return name
 
 
 class _TensorSource:
@@ -239,6 +240,7 @@ def save_pretrained(
     """
     config = model.config
     dtype = config.param_dtype if dtype is None else dtype
+    torch_dtype = _torch_dtype_name(dtype)
     directory = os.fspath(path)
     write = jax.process_index() == 0
     if write:
@@ -272,8 +274,6 @@ def save_pretrained(
         with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(
-            config.to_hf_dict(torch_dtype=_torch_dtype_name(dtype)), f, indent=2, sort_keys=True
-        )
+        json.dump(config.to_hf_dict(torch_dtype=torch_dtype), f, indent=2, sort_keys=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -137,6 +137,12 @@ def test_dtype_options(reference, tmp_path):
     assert str(next(reloaded.parameters()).dtype) == "torch.bfloat16"
 
 
+def test_save_rejects_unsupported_dtype(ours, tmp_path):
+    with pytest.raises(ValueError, match="dtype int8 is not one of"):
+        models.save_pretrained(ours("qwen3"), tmp_path, dtype=jnp.int8)
+    assert not os.path.exists(tmp_path / SINGLE_FILE)
+
+
 def test_config_round_trip_keeps_extra_keys(reference, ours, tmp_path):
     models.save_pretrained(ours("llama3"), tmp_path)
     with open(reference("llama3").path / "config.json") as f:
