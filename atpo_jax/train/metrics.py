@@ -172,10 +172,12 @@ class MetricsWriter:
     def plot(
         self, png_path: str | os.PathLike | None = None, keys: Sequence[str] = DEFAULT_PLOT_KEYS
     ) -> str | None:
-        """Writes the learning curves of this run (default ``workdir/learning_curves.png``)."""
+        """Writes the learning curves of this run (default ``workdir/learning_curves.png``);
+        works after ``close`` too. Does nothing (returns None) on a non-main process."""
         if not self.enabled:
             return None
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
         png_path = png_path or os.path.join(self.workdir, "learning_curves.png")
         plot_learning_curves(self.path, png_path, keys=keys)
         return os.fspath(png_path)
