@@ -50,7 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic | files
     c.data.synthetic_dir = ""  # default: <workdir>/synthetic
-    c.data.synthetic_seed = 0
+    c.data.synthetic = ml_collections.ConfigDict()  # the synthetic world's size and noise
+    c.data.synthetic.seed = 0
+    c.data.synthetic.num_people = 160
+    c.data.synthetic.num_companies = 120
+    c.data.synthetic.demo_mistake_rate = 0.3
     c.data.train_files = ""  # comma-separated, for source=files
     c.data.eval_files = ""
     c.data.tokenizer_path = ""  # default: the model path (files) or the synthetic tokenizer

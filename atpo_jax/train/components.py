@@ -71,8 +71,16 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
         )
 
         directory = config.data.synthetic_dir or os.path.join(workdir, "synthetic")
+        world = config.data.synthetic
         files = build_synthetic_world(
-            directory, SyntheticWorldConfig(seed=config.data.synthetic_seed, topk=config.tools.topk)
+            directory,
+            SyntheticWorldConfig(
+                seed=world.seed,
+                num_people=world.num_people,
+                num_companies=world.num_companies,
+                demo_mistake_rate=world.demo_mistake_rate,
+                topk=config.tools.topk,
+            ),
         )
         split = config.eval.split
         if split not in ("validation", "test"):

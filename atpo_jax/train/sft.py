@@ -88,6 +88,23 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def length_buckets(loss_mask: np.ndarray, granularity: int = 32) -> dict[int, np.ndarray]:
+    """Row indices grouped by response width: the last trained token's position rounded up."""
+    loss_mask = np.asarray(loss_mask) != 0
+    total = loss_mask.shape[1]
+    last = np.where(loss_mask.any(1), total - np.argmax(loss_mask[:, ::-1], axis=1), 1)
+    width = np.minimum(-(-last // granularity) * granularity, total)
+    return {int(w): np.flatnonzero(width == w) for w in np.unique(width)}
+
+
+def _cut_response(rows: PolicyRows, total: int) -> PolicyRows:
+    """Keeps the first ``total`` positions of prompt+response (the rest is padding)."""
+    width = total - (rows.input_ids.shape[1] - rows.response.shape[1])
+    return jax.tree.map(
+        lambda x: x[:, :total] if x.shape[1] == rows.input_ids.shape[1] else x[:, :width], rows
+    )
+
+
 def run_sft(
     model: Any,
     rows: PolicyRows,
@@ -97,27 +114,37 @@ def run_sft(
     learning_rate: float,
     warmup_steps: int,
     seed: int,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, Any], None] | None = None,
 ) -> list[float]:
     """Trains ``model`` in place on ``rows`` for ``steps`` steps; returns the loss per step.
 
-    Batches are drawn without replacement from a seeded permutation per epoch, so the warm start is
-    reproducible.
+    Rows are grouped by response length (buckets 32 tokens wide) and every batch comes from one
+    bucket, its responses cut to the bucket width: short 1-hop demonstrations do not pay for the
+    padding of long 3-hop ones, and only a few shapes compile. Buckets are visited in proportion to
+    their size from seeded permutations, so the warm start is reproducible.
     """
     graphdef, params = nnx.split(model)
     optimizer = sft_optimizer(learning_rate, steps, warmup_steps)
     opt_state = optimizer.init(params)
     step_fn = make_sft_step(graphdef, optimizer)
-    total = rows.response.shape[0]
-    batch_size = min(batch_size, total)
     rng = np.random.default_rng(seed)
-    order, cursor, losses = rng.permutation(total), 0, []
+    response_len = rows.response.shape[1]
+    buckets = length_buckets(rows.loss_mask)
+    names = sorted(buckets)
+    weights = np.array([len(buckets[w]) for w in names], np.float64)
+    cursors = {w: (rng.permutation(buckets[w]), 0) for w in names}
+    prompt_len = rows.input_ids.shape[1] - response_len
+    losses = []
     for step in range(steps):
-        if cursor + batch_size > total:
-            order, cursor = rng.permutation(total), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
+        w = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        order, cursor = cursors[w]
+        size = min(batch_size, len(order))
+        if cursor + size > len(order):
+            order, cursor = rng.permutation(buckets[w]), 0
+        index = order[cursor : cursor + size]
+        cursors[w] = (order, cursor + size)
         batch = jax.tree.map(lambda x, index=index: x[index], rows)
+        batch = _cut_response(batch, prompt_len + w)
         params, opt_state, loss = step_fn(params, opt_state, batch)
         losses.append(loss)  # kept on device: no host sync per step
         if on_step is not None:

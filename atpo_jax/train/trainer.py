@@ -32,7 +32,7 @@ from atpo_jax.rollout.trace import tree_records, write_trace
 from atpo_jax.train import components, evaluation, flops
 from atpo_jax.train.checkpointing import Checkpointer, install_sigterm_handler
 from atpo_jax.train.credit import assign_credit
-from atpo_jax.train.metrics import MetricsWriter, PhaseTimer, ProgressBar, plot_learning_curves
+from atpo_jax.train.metrics import MetricsWriter, PhaseTimer, ProgressBar
 from atpo_jax.train.optimizer import build_optimizer, current_learning_rate, nonfinite_skips
 from atpo_jax.train.policy import make_log_prob_fn, make_update_fn, policy_rows
 from atpo_jax.train.sft import encode_demonstrations, run_sft
@@ -381,11 +381,7 @@ class Trainer:
             self.writer.close()
             self.checkpointer.close()
         if cfg.logging.plot:
-            plot_learning_curves(
-                self.writer.path,
-                os.path.join(self.workdir, "learning_curves.png"),
-                keys=("reward/mean", "em", "eval/em", "update/entropy"),
-            )
+            self.writer.plot(keys=("reward/mean", "em", "eval/em", "update/entropy"))
         return last_eval
 
     def _save_now(self) -> None:
