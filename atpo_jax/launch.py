@@ -34,10 +34,10 @@ def main(argv: list[str]) -> None:
 
     try:
         trainer = Trainer(config, workdir)
+        results = trainer.run(resume=_RESUME.value)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
-    results = trainer.run(resume=_RESUME.value)
     if results:
         from atpo_jax.train.evaluation import markdown_table
 

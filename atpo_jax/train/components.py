@@ -17,7 +17,7 @@ import ml_collections
 from flax import nnx
 
 from atpo_jax import models
-from atpo_jax.data import read_rows
+from atpo_jax.data import DatasetError, read_rows
 from atpo_jax.data.rows import QARow
 from atpo_jax.rollout.engine import Engine
 from atpo_jax.rollout.sampling import SamplingParams
@@ -111,11 +111,22 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     _existing(
         tokenizer_path, "data.tokenizer_path", "a tokenizer directory (defaults to model.path)"
     )
-    train = [row for path in train_paths for row in read_rows(path)]
-    evaluation = [row for path in eval_paths for row in read_rows(path)]
-    return Data(
-        train, evaluation, models.load_tokenizer(tokenizer_path), config.tools.corpus or None, None
-    )
+    train = [row for path in train_paths for row in _read_rows(path, "data.train_files")]
+    evaluation = [row for path in eval_paths for row in _read_rows(path, "data.eval_files")]
+    try:
+        tokenizer = models.load_tokenizer(tokenizer_path)
+    except (OSError, ValueError) as e:
+        setting = "data.tokenizer_path" if config.data.tokenizer_path else "model.path"
+        raise ConfigError(f"{setting}={tokenizer_path!r}: {e}") from e
+    return Data(train, evaluation, tokenizer, config.tools.corpus or None, None)
+
+
+def _read_rows(path: str, setting: str) -> list[QARow]:
+    """``read_rows`` with a malformed or unreadable file reported as a ConfigError on ``setting``."""
+    try:
+        return read_rows(path)
+    except (DatasetError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{setting}: {e}; fix or replace the file") from e
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.CausalLM:
@@ -159,15 +170,21 @@ def build_toolbox(config: ml_collections.ConfigDict, corpus: str | None) -> Tool
     if t.retriever_url:
         from atpo_jax.tools.http_retriever import HttpRetriever, RetryPolicy
 
-        retriever = HttpRetriever(
-            t.retriever_url,
-            retry=RetryPolicy(
+        try:
+            retry = RetryPolicy(
                 read_timeout_s=t.timeout_s,
                 connect_timeout_s=min(5.0, t.timeout_s),
                 max_attempts=t.retries,
-            ),
-            cache_path=t.cache_path or None,
-        )
+            )
+        except ValueError as e:
+            raise ConfigError(
+                f"tools.timeout_s={t.timeout_s} / tools.retries={t.retries}: {e} "
+                "(tools.retries counts attempts, >= 1)"
+            ) from e
+        try:
+            retriever = HttpRetriever(t.retriever_url, retry=retry, cache_path=t.cache_path or None)
+        except ValueError as e:
+            raise ConfigError(f"tools.retriever_url={t.retriever_url!r}: {e}") from e
     else:
         corpus = t.corpus or corpus
         if not corpus:
@@ -177,14 +194,45 @@ def build_toolbox(config: ml_collections.ConfigDict, corpus: str | None) -> Tool
             )
         _existing(corpus, "tools.corpus", "a JSONL corpus file")
         from atpo_jax.tools.bm25 import LocalBM25Retriever
+        from atpo_jax.tools.corpus import CorpusError
 
-        retriever = LocalBM25Retriever(corpus)
+        try:
+            retriever = LocalBM25Retriever(corpus)
+        except CorpusError as e:
+            raise ConfigError(f"tools.corpus={corpus!r}: {e}") from e
     tools = [SearchTool(retriever, topk=t.topk, max_chars=t.max_passage_chars)]
     if t.python:
         from atpo_jax.tools.python_sandbox import PythonSandboxConfig, PythonTool
 
         tools.append(PythonTool(PythonSandboxConfig(enabled=True)))
     return Toolbox(tools, max_workers=config.rollout.tool_workers)
+
+
+def connect_tools(config: ml_collections.ConfigDict, corpus: str | None) -> Toolbox:
+    """``build_toolbox``, then a probe query when search goes to an HTTP service (fail fast)."""
+    toolbox = build_toolbox(config, corpus)
+    if config.tools.retriever_url:
+        check_retriever(toolbox, f"tools.retriever_url={config.tools.retriever_url!r}")
+    return toolbox
+
+
+def build_policy(config: ml_collections.ConfigDict, tokenizer: Any) -> models.CausalLM:
+    """``build_model`` sized to ``tokenizer``, refusing a model whose vocabulary is too small."""
+    model = build_model(config, len(tokenizer))
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+            f"tokenizer's ({len(tokenizer)}): model.path and data.tokenizer_path disagree"
+        )
+    return model
+
+
+def eval_rows(config: ml_collections.ConfigDict, data: Data) -> list[QARow]:
+    """The evaluation questions: the eval split, cut to ``eval.max_questions`` when set."""
+    rows = data.eval
+    if config.eval.max_questions:
+        rows = rows[: config.eval.max_questions]
+    return rows
 
 
 def check_retriever(toolbox: Toolbox, setting: str) -> None:
@@ -273,6 +321,20 @@ def build_search(
         cfg,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
+
+
+def build_eval_search(
+    config: ml_collections.ConfigDict, model: models.CausalLM, tokenizer: Any, toolbox: Toolbox
+) -> TreeSearch:
+    """The greedy single-chain search of evaluation, with slots for two batches of questions."""
+    return build_search(
+        config,
+        model,
+        tokenizer,
+        toolbox,
+        evaluation=True,
+        num_slots=2 * config.eval.batch_prompts,
     )
 
 

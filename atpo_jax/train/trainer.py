@@ -60,24 +60,11 @@ class Trainer:
         self.data = components.load_data(config, workdir)
         self.tokenizer = self.data.tokenizer
         self.train_prompts = self._encode_rows(self.data.train, "training")
-        self.toolbox = components.build_toolbox(config, self.data.corpus)
-        if config.tools.retriever_url:
-            components.check_retriever(self.toolbox, "tools.retriever_url")
-        self.model = components.build_model(config, len(self.tokenizer))
-        if self.model.config.vocab_size < len(self.tokenizer):
-            raise components.ConfigError(
-                f"the model's vocabulary ({self.model.config.vocab_size}) is smaller than the "
-                f"tokenizer's ({len(self.tokenizer)}): model.path and data.tokenizer_path disagree"
-            )
+        self.toolbox = components.connect_tools(config, self.data.corpus)
+        self.model = components.build_policy(config, self.tokenizer)
         self.search = components.build_search(config, self.model, self.tokenizer, self.toolbox)
-        eval_batch = config.eval.batch_prompts
-        self.eval_search = components.build_search(
-            config,
-            self.model,
-            self.tokenizer,
-            self.toolbox,
-            evaluation=True,
-            num_slots=2 * eval_batch,
+        self.eval_search = components.build_eval_search(
+            config, self.model, self.tokenizer, self.toolbox
         )
         self.loss_settings = components.loss_settings(config)
         self.credit_settings = components.credit_settings(config)
@@ -204,9 +191,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """Greedy single-chain EM/F1 on the evaluation split; written to ``eval_<step>.json``."""
-        rows = self.data.eval
-        if self.config.eval.max_questions:
-            rows = rows[: self.config.eval.max_questions]
+        rows = components.eval_rows(self.config, self.data)
         if not rows:
             return {}
         with self.timer.phase("eval"):
