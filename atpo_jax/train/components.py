@@ -60,8 +60,12 @@ def _existing(path: str, setting: str, what: str) -> str:
     return path
 
 
-def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-    """The training and evaluation questions, the tokenizer and (synthetic) corpus/demos paths."""
+def load_data(config: ml_collections.ConfigDict, workdir: str, *, training: bool = True) -> Data:
+    """The training and evaluation questions, the tokenizer and (synthetic) corpus/demos paths.
+
+    ``training=False`` (evaluation only) needs no training files and reads none (``Data.train`` is
+    empty for ``data.source=files``), but refuses an empty ``data.eval_files``.
+    """
     source = config.data.source
     if source == "synthetic":
         from atpo_jax.data.synthetic import (
@@ -94,9 +98,14 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
         )
     if source != "files":
         raise ConfigError(f"data.source={source!r} must be 'synthetic' or 'files'")
-    train_paths = [p for p in config.data.train_files.split(",") if p]
+    train_paths = [p for p in config.data.train_files.split(",") if p] if training else []
     eval_paths = [p for p in config.data.eval_files.split(",") if p]
-    if not train_paths:
+    if not training and not eval_paths:
+        raise ConfigError(
+            "data.eval_files is empty: give the evaluation parquet/JSONL files "
+            "(comma-separated), e.g. --config.data.eval_files=/data/hotpotqa/test.parquet"
+        )
+    if training and not train_paths:
         raise ConfigError(
             "data.train_files is empty: give the training parquet/JSONL files "
             "(comma-separated), e.g. --config.data.train_files=/data/hotpotqa/train.parquet"

@@ -1,0 +1,192 @@
+"""Greedy evaluation of a policy checkpoint: EM / F1 per ``data_source`` (DESIGN.md §7).
+
+    python -m atpo_jax.evaluate --config=configs/search_qa.py[:variant] --checkpoint=PATH \\
+        [--step=K] [--workdir=OUT] [--config.a.b=value ...]
+
+``PATH`` is either
+
+* a run's orbax checkpoint directory (``<run>/checkpoints``): the model is built from the config
+  (``model.path`` or ``model.random``) and its parameters are read from step ``K`` (default: the
+  newest complete checkpoint; a save that was interrupted is never read), or
+* a Hugging Face checkpoint directory (it has ``config.json``, e.g. ``<run>/hf_export``): it
+  replaces ``model.path``.
+
+Everything else (data, tokenizer, retriever, ``eval.*``) comes from the config, so pass the same
+``--config`` overrides as the training run. Evaluation is the trainer's: greedy decoding, one chain
+per question, the reward's format check skipped (``atpo_jax.train.evaluation``). The markdown table
+is printed and the results are saved as ``<OUT>/evaluation_<step K | hf name>.json``; ``OUT``
+defaults to the run directory (the parent of ``PATH`` when that holds a run), else
+``runs/evaluate/<name>``. A configuration problem exits with status 2 and one message on stderr.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from atpo_jax.train import components, evaluation
+from atpo_jax.train.components import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/search_qa.py", "Path to an ml_collections config file[:variant]."
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A run's checkpoint directory (<run>/checkpoints) or a Hugging Face one."
+)
+_STEP = flags.DEFINE_integer(
+    "step", None, "Checkpoint step to evaluate (orbax directories only; default: the latest)."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where the JSON goes (default: the run directory, else runs/evaluate/<name>)."
+)
+
+
+def is_hf_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a Hugging Face checkpoint directory (rather than an orbax one)."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "metrics.jsonl")) or os.path.isdir(
+        os.path.join(path, "checkpoints")
+    )
+
+
+def _checkpoint_step(directory: str, step: int | None) -> int:
+    """The step to read from orbax ``directory``: ``step`` if complete there, else the newest."""
+    from atpo_jax.train.checkpointing import Checkpointer
+
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        steps = reader.all_steps()
+    finally:
+        reader.close()
+    if not steps:
+        raise ConfigError(
+            f"--checkpoint={directory!r} holds no complete checkpoint (nor config.json of a "
+            "Hugging Face checkpoint): point it at <run>/checkpoints or a Hugging Face directory"
+        )
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ConfigError(f"--step={step}: {directory!r} has complete checkpoints {steps}")
+    return step
+
+
+def restore_params(model: Any, directory: str, step: int) -> None:
+    """Reads the ``params`` item of orbax checkpoint ``step`` into ``model`` (in place)."""
+    from flax import nnx
+
+    from atpo_jax.train.checkpointing import Checkpointer
+
+    _, params = nnx.split(model)
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        restored = reader.restore(step, target={"params": params})["params"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"the parameters of {directory!r} step {step} do not fit the model built from the "
+            "config (model.path / model.random.*); pass the training run's --config overrides "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    finally:
+        reader.close()
+    nnx.update(model, restored)
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    checkpoint: str,
+    *,
+    step: int | None = None,
+    workdir: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Evaluates ``checkpoint`` (see the module doc); returns ``(results, json_path)``.
+
+    ``results`` is :func:`atpo_jax.train.evaluation.evaluate`'s dict plus ``checkpoint``, ``step``
+    (None for a Hugging Face directory) and ``eval_split``.
+
+    Raises:
+      ConfigError: a missing or unusable checkpoint, data file, retriever or setting.
+    """
+    checkpoint = os.path.abspath(checkpoint)
+    if not os.path.isdir(checkpoint):
+        raise ConfigError(f"--checkpoint={checkpoint!r} is not a directory")
+    config = copy.deepcopy(config)
+    hf = is_hf_checkpoint(checkpoint)
+    parent = os.path.dirname(checkpoint)
+    if hf:
+        if step is not None:
+            raise ConfigError(
+                "--step only applies to orbax checkpoint directories, not to a Hugging Face one"
+            )
+        config.model.path = checkpoint
+        tag = f"hf_{os.path.basename(checkpoint)}"
+    else:
+        step = _checkpoint_step(checkpoint, step)
+        tag = f"step_{step:06d}"
+    run_dir = parent if (not hf or _is_run_dir(parent)) else None
+    out = workdir or run_dir or os.path.join("runs", "evaluate", os.path.basename(checkpoint))
+    os.makedirs(out, exist_ok=True)
+
+    # The run's synthetic world (<run>/synthetic) when there is one; else one under ``out``.
+    data = components.load_data(config, run_dir or out, training=False)
+    rows = components.eval_rows(config, data)
+    if not rows:
+        raise ConfigError("no evaluation questions: check eval.split / data.eval_files")
+    toolbox = components.connect_tools(config, data.corpus)
+    model = components.build_policy(config, data.tokenizer)
+    if not hf:
+        restore_params(model, checkpoint, step)
+    search = components.build_eval_search(config, model, data.tokenizer, toolbox)
+    results = evaluation.evaluate(
+        search,
+        data.tokenizer,
+        rows,
+        batch_prompts=config.eval.batch_prompts,
+        reward_mode=config.reward.mode,
+    )
+    results.update(
+        checkpoint=checkpoint,
+        step=step,
+        eval_split=config.eval.split
+        if config.data.source == "synthetic"
+        else config.data.eval_files,
+    )
+    path = os.path.join(out, f"evaluation_{tag}.json")
+    evaluation.save_results(results, path)
+    return results, path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not _CHECKPOINT.value:
+        raise app.UsageError("--checkpoint is required (<run>/checkpoints or a Hugging Face dir)")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("atpo_jax").setLevel(logging.INFO)
+    try:
+        results, path = evaluate_checkpoint(
+            _CONFIG.value, _CHECKPOINT.value, step=_STEP.value, workdir=_WORKDIR.value
+        )
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    where = results["checkpoint"] + ("" if results["step"] is None else f" step {results['step']}")
+    print(f"Greedy evaluation of {where} ({results['n']} questions):")
+    print(evaluation.markdown_table(results))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
