@@ -141,16 +141,22 @@ class Trainer:
         self.eval_search.engine.set_model(self.model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "params": self.params,
             "opt_state": self.opt_state,
             "step": self.step,
             "data_position": self.step * self.config.train.prompts_per_step,
         }
+        if self.ref_params is not None:
+            # The KL reference is the warm-started policy, which only checkpoint 0 holds (and
+            # keep-N deletes it): every checkpoint carries it so a resumed run uses the same one.
+            state["ref_params"] = self.ref_params
+        return state
 
     def restore(self, step: int) -> None:
         restored = self.checkpointer.restore(step, target=self.state_dict())
         self.params, self.opt_state = restored["params"], restored["opt_state"]
+        self.ref_params = restored.get("ref_params")
         self.step = int(restored["step"])
         self._sync_model()
         logger.info("resumed from checkpoint step %d", self.step)
@@ -183,6 +189,8 @@ class Trainer:
                 )
             self.graphdef, self.params = nnx.split(self.model)
             self.opt_state = self.optimizer.init(self.params)
+            if self.ref_params is not None:  # the KL reference is the warm-started policy
+                self.ref_params = jax.tree.map(jnp.copy, self.params)
             self._sync_model()
             self.writer.write(
                 0, {"sft/loss_first": losses[0], "sft/loss_last": losses[-1], **self.timer.pop()}
