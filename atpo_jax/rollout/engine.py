@@ -15,11 +15,17 @@ chunks the host reads the new tokens, checks stop strings on their decoded text 
 after a stop. Shapes are bucketed (batch to a power of two, prefill length to a power of two, the
 attended cache length to a multiple of ``kv_bucket``) so a run compiles a small, fixed set of
 programs; :attr:`Engine.compile_count` reports how many.
+
+On a device mesh (``cache_sharding``, see ``train.sharding.kv_cache_shardings``) the model's
+parameters are used as they are sharded (for training: the engine is collocated with the trainer)
+and the KV-cache pool is created and kept in the given sharding: every program constrains the
+cache it returns to it, so the donated pool never changes layout between calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -63,13 +69,22 @@ def _next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _prefill_program(graphdef, state, cache, slots, tokens, num_tokens, *, kv_len):
+def _keep_layout(cache: KVCache, cache_sharding: KVCache | None) -> KVCache:
+    """The returned pool in the pool's sharding (on a mesh), so a donated pool keeps its layout."""
+    if cache_sharding is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_sharding)
+
+
+def _prefill_program(
+    graphdef, state, cache, slots, tokens, num_tokens, *, kv_len, cache_sharding=None
+):
     """Writes ``tokens[b, :num_tokens[b]]`` into slot ``slots[b]`` after its current length."""
     model = nnx.merge(graphdef, state)
     _, cache = forward_with_cache(
         model, tokens, cache, slots, num_tokens, kv_len=kv_len, last_only=True
     )
-    return cache
+    return _keep_layout(cache, cache_sharding)
 
 
 def _decode_program(
@@ -86,6 +101,7 @@ def _decode_program(
     steps,
     kv_len,
     sampling,
+    cache_sharding=None,
 ):
     """Up to ``steps`` decode steps for the given slots, stopping early when none is active.
 
@@ -149,10 +165,12 @@ def _decode_program(
     _, cache, pending, _, _, finish, tokens, log_probs, entropies, count = jax.lax.while_loop(
         cond, body, init
     )
-    return cache, pending, tokens, log_probs, entropies, count, finish
+    return _keep_layout(cache, cache_sharding), pending, tokens, log_probs, entropies, count, finish
 
 
-def _force_program(graphdef, state, cache, slots, pending, forced, active, *, kv_len, sampling):
+def _force_program(
+    graphdef, state, cache, slots, pending, forced, active, *, kv_len, sampling, cache_sharding=None
+):
     """One teacher-forced step: feeds each slot's pending token and scores ``forced`` as the next one.
 
     Returns (cache, log-prob [B] of the forced token under the sampling distribution, entropy [B]).
@@ -170,23 +188,37 @@ def _force_program(graphdef, state, cache, slots, pending, forced, active, *, kv
     dist = sampling_logits(logits, sampling)
     log_probs = jax.nn.log_softmax(dist, axis=-1)
     picked = jnp.take_along_axis(log_probs, forced[:, None], axis=-1)[:, 0]
-    return cache, picked, token_entropy(dist)
+    return _keep_layout(cache, cache_sharding), picked, token_entropy(dist)
 
 
-def _set_lengths(cache: KVCache, slots: jax.Array, lengths: jax.Array) -> KVCache:
-    return cache.replace(lengths=cache.lengths.at[slots].set(lengths))
+def _set_lengths(
+    cache: KVCache, slots: jax.Array, lengths: jax.Array, *, cache_sharding=None
+) -> KVCache:
+    return _keep_layout(cache.replace(lengths=cache.lengths.at[slots].set(lengths)), cache_sharding)
+
+
+def _fork(cache: KVCache, src, dst, length, *, cache_sharding=None) -> KVCache:
+    return _keep_layout(fork_slots(cache, src, dst, length), cache_sharding)
 
 
 # Module-level jitted programs: engines with the same model structure and buckets share compiled
 # code (a trainer that rebuilds its engine, or a test suite, does not recompile). The cache is
 # donated so every call updates the pool in place.
-_PREFILL = jax.jit(_prefill_program, static_argnames=("kv_len",), donate_argnames=("cache",))
-_DECODE = jax.jit(
-    _decode_program, static_argnames=("steps", "kv_len", "sampling"), donate_argnames=("cache",)
+_PREFILL = jax.jit(
+    _prefill_program, static_argnames=("kv_len", "cache_sharding"), donate_argnames=("cache",)
 )
-_FORCE = jax.jit(_force_program, static_argnames=("kv_len", "sampling"), donate_argnames=("cache",))
-_FORK = jax.jit(fork_slots, donate_argnums=0)
-_SET_LENGTHS = jax.jit(_set_lengths, donate_argnums=0)
+_DECODE = jax.jit(
+    _decode_program,
+    static_argnames=("steps", "kv_len", "sampling", "cache_sharding"),
+    donate_argnames=("cache",),
+)
+_FORCE = jax.jit(
+    _force_program,
+    static_argnames=("kv_len", "sampling", "cache_sharding"),
+    donate_argnames=("cache",),
+)
+_FORK = jax.jit(_fork, static_argnames=("cache_sharding",), donate_argnums=0)
+_SET_LENGTHS = jax.jit(_set_lengths, static_argnames=("cache_sharding",), donate_argnums=0)
 _PROGRAMS = (_PREFILL, _DECODE, _FORCE, _FORK, _SET_LENGTHS)
 
 
@@ -209,6 +241,8 @@ class Engine:
       decode_chunk: decode steps per device call between host stop-string checks.
       kv_bucket: granularity of the attended cache length (attention cost follows it).
       cache_dtype: KV-cache dtype (default: the model's compute dtype).
+      cache_sharding: a ``KVCache`` of ``jax.sharding.Sharding`` for the pool on a device mesh
+        (``train.sharding.kv_cache_shardings``); ``None`` = the default device.
     """
 
     def __init__(
@@ -224,6 +258,7 @@ class Engine:
         decode_chunk: int = 32,
         kv_bucket: int = 128,
         cache_dtype=None,
+        cache_sharding: KVCache | None = None,
     ):
         if num_slots < 1 or max_len < 2:
             raise ValueError(
@@ -243,9 +278,18 @@ class Engine:
         self._eos = jnp.asarray(sorted(set(int(t) for t in eos_token_ids)), jnp.int32)
         self._matcher = StopStringMatcher(decode, stop_strings) if stop_strings else None
         self._graphdef, self._state = nnx.split(model)
-        self.cache = init_cache(model.config, num_slots, max_len, cache_dtype)
+        self.cache_sharding = cache_sharding
+        if cache_sharding is None:
+            self.cache = init_cache(model.config, num_slots, max_len, cache_dtype)
+        else:  # created in place, never whole on one device
+            self.cache = jax.jit(
+                lambda: init_cache(model.config, num_slots, max_len, cache_dtype),
+                out_shardings=cache_sharding,
+            )()
         self._seqs: list[list[int] | None] = [None] * num_slots
-        self._prefill, self._decode, self._force, self._fork, self._set_lengths = _PROGRAMS
+        self._prefill, self._decode, self._force, self._fork, self._set_lengths = (
+            functools.partial(program, cache_sharding=cache_sharding) for program in _PROGRAMS
+        )
         self.prefill_tokens_computed = 0  # tokens run through the model by prefill/extend
 
     # ------------------------------------------------------------------ slot management

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import Mesh
 
 from atpo_jax import models
 from atpo_jax.data import DatasetError, read_rows
@@ -23,6 +24,7 @@ from atpo_jax.rollout.engine import Engine
 from atpo_jax.rollout.sampling import SamplingParams
 from atpo_jax.rollout.tree_search import RolloutConfig, TreeSearch
 from atpo_jax.tools.toolbox import Toolbox
+from atpo_jax.train import sharding
 from atpo_jax.train.credit import CreditSettings
 from atpo_jax.train.policy import LossSettings
 
@@ -309,19 +311,27 @@ def build_search(
     *,
     evaluation: bool = False,
     num_slots: int | None = None,
+    mesh: Mesh | None = None,
 ) -> TreeSearch:
-    """An engine + tree search for training rollouts (or greedy single-chain evaluation)."""
+    """An engine + tree search for training rollouts (or greedy single-chain evaluation).
+
+    ``mesh``: the devices the engine runs on, with the model's parameters already placed there;
+    its KV-cache pool is sharded by ``sharding.kv_cache_shardings``.
+    """
     cfg = rollout_config(config, evaluation=evaluation)
+    num_slots = num_slots or config.rollout.num_slots
+    max_len = cfg.max_prompt_len + cfg.max_response_len
     engine = Engine(
         model,
-        num_slots=num_slots or config.rollout.num_slots,
-        max_len=cfg.max_prompt_len + cfg.max_response_len,
+        num_slots=num_slots,
+        max_len=max_len,
         eos_token_ids=eos_ids(tokenizer),
         sampling=sampling_params(config, len(tokenizer), greedy=evaluation),
         stop_strings=toolbox.stop_strings,
         decode=tokenizer.decode,
         decode_chunk=config.rollout.decode_chunk,
         kv_bucket=config.rollout.kv_bucket,
+        cache_sharding=sharding.engine_cache_shardings(mesh, model.config, num_slots, max_len),
     )
     return TreeSearch(
         engine,
@@ -334,7 +344,12 @@ def build_search(
 
 
 def build_eval_search(
-    config: ml_collections.ConfigDict, model: models.CausalLM, tokenizer: Any, toolbox: Toolbox
+    config: ml_collections.ConfigDict,
+    model: models.CausalLM,
+    tokenizer: Any,
+    toolbox: Toolbox,
+    *,
+    mesh: Mesh | None = None,
 ) -> TreeSearch:
     """The greedy single-chain search of evaluation, with slots for two batches of questions."""
     return build_search(
@@ -344,6 +359,7 @@ def build_eval_search(
         toolbox,
         evaluation=True,
         num_slots=2 * config.eval.batch_prompts,
+        mesh=mesh,
     )
 
 

@@ -11,6 +11,13 @@ an optional KL term), then one optax update applies them. Each micro-batch loss 
 share of the mini-batch's normaliser (non-empty rows for the ``seq-mean-*`` aggregations, tokens for
 ``token-mean``), so the accumulated gradient equals the gradient of the loss over the whole
 mini-batch, whatever the micro-batch size.
+
+On a mesh (``mesh=`` in ``make_update_fn`` / ``make_log_prob_fn``) both programs are jitted with
+explicit shardings: parameters and optimizer state by the logical-axis rules of
+``train.sharding``, rows split over ``("data", "fsdp")``, scalars replicated. Micro-batch ``j`` is
+still rows ``j·m .. (j+1)·m-1`` of the mini-batch; a sharding constraint redistributes the rows so
+every micro-batch is itself split over the batch axes (each device works on every micro-batch), so
+``micro_batch_rows`` must be divisible by ``data × fsdp`` as well.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from atpo_jax import kernels
 from atpo_jax.models import CausalLM, log_probs_from_hidden
+from atpo_jax.train import sharding
 
 POLICY_LOSSES = ("atpo", "gspo", "ppo")
 
@@ -182,6 +191,65 @@ def _split_micro(rows: PolicyRows, micro_rows: int) -> PolicyRows:
     return jax.tree.map(lambda x: x.reshape(total // micro_rows, micro_rows, *x.shape[1:]), rows)
 
 
+def check_rows_divisible(rows: int, micro_rows: int, mesh: Mesh | None) -> None:
+    """Raises ``ValueError`` naming the setting when a mini-batch cannot be split as configured."""
+    if rows % micro_rows:
+        raise ValueError(
+            f"train.micro_batch_rows={micro_rows} must divide the mini-batch rows ({rows})"
+        )
+    ways = 1 if mesh is None else sharding.batch_parallelism(mesh)
+    if micro_rows % ways:
+        raise ValueError(
+            f"train.micro_batch_rows={micro_rows} must be divisible by the batch parallelism "
+            f"mesh.data x mesh.fsdp = {ways} (each micro-batch is split over those devices)"
+        )
+
+
+def _micro_sharding(mesh: Mesh | None) -> NamedSharding | None:
+    """[micro-batches, rows, ...]: rows over the batch axes, micro-batches (scan axis) whole."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+
+
+def _constrain(tree: Any, shardings: Any) -> Any:
+    if shardings is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, shardings)
+
+
+class _MeshProgram:
+    """A program jitted for a mesh on first call, when the argument pytrees (hence their
+    shardings) are known; later calls with the same structure reuse it."""
+
+    def __init__(self, fn: Callable, mesh: Mesh, shardings_for: Callable, donate: tuple[int, ...]):
+        self.fn, self.mesh, self.shardings_for, self.donate = fn, mesh, shardings_for, donate
+        self._jitted: dict[Any, Callable] = {}
+
+    def __call__(self, *args):
+        key = jax.tree.structure(args)
+        if key not in self._jitted:
+            in_shardings, out_shardings = self.shardings_for(*args)
+            self._jitted[key] = jax.jit(
+                self.fn,
+                in_shardings=in_shardings,
+                out_shardings=out_shardings,
+                donate_argnums=self.donate,
+            )
+        return self._jitted[key](*args)
+
+    def lower(self, *args):
+        """``jax.jit(...).lower`` for abstract arguments (``jax.ShapeDtypeStruct``), e.g. for a
+        memory analysis without real arrays."""
+        in_shardings, out_shardings = self.shardings_for(*args)
+        return jax.jit(
+            self.fn,
+            in_shardings=in_shardings,
+            out_shardings=out_shardings,
+            donate_argnums=self.donate,
+        ).lower(*args)
+
+
 def make_update_fn(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
@@ -189,11 +257,21 @@ def make_update_fn(
     micro_rows: int,
     *,
     donate: bool = True,
+    mesh: Mesh | None = None,
 ) -> Callable:
-    """A jitted ``update(params, opt_state, rows) -> (params, opt_state, metrics)`` for one mini-batch."""
+    """A jitted ``update(params, opt_state, rows) -> (params, opt_state, metrics)`` for one mini-batch.
+
+    With ``mesh``, the program takes and returns parameters and optimizer state sharded by
+    ``train.sharding``'s rules, rows split over ``("data", "fsdp")`` (a global array, e.g. from
+    ``sharding.shard_batch``) and returns replicated metrics; gradients are accumulated in the
+    parameters' sharding (FSDP: each device keeps its shard).
+    """
+    micro_sharding = _micro_sharding(mesh)
 
     def update(params, opt_state, rows: PolicyRows):
-        micro = _split_micro(rows, micro_rows)
+        check_rows_divisible(rows.response.shape[0], micro_rows, mesh)
+        grad_shardings = None if mesh is None else sharding.param_shardings(mesh, params)
+        micro = _constrain(_split_micro(rows, micro_rows), micro_sharding)
         total_weight = loss_normalizer(rows.loss_mask, settings.loss_agg)
 
         def micro_step(carry, batch):
@@ -206,11 +284,11 @@ def make_update_fn(
 
             grads, metrics = jax.grad(weighted_loss, has_aux=True)(params)
             share = weight / jnp.maximum(total_weight, 1e-9)
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            grads_acc = _constrain(jax.tree.map(jnp.add, grads_acc, grads), grad_shardings)
             metrics_acc = jax.tree.map(lambda a, m: a + share * m, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = _constrain(jax.tree.map(jnp.zeros_like, params), grad_shardings)
         first = jax.tree.map(lambda x: x[0], micro)
         metric_shapes = jax.eval_shape(
             lambda: policy_loss(nnx.merge(graphdef, params), first, settings)[1]
@@ -222,19 +300,44 @@ def make_update_fn(
         params = optax.apply_updates(params, updates)
         return params, opt_state, metrics
 
-    return jax.jit(update, donate_argnums=(0, 1) if donate else ())
+    donate_argnums = (0, 1) if donate else ()
+    if mesh is None:
+        return jax.jit(update, donate_argnums=donate_argnums)
+
+    def shardings_for(params, opt_state, rows):
+        p = sharding.param_shardings(mesh, params)
+        o = sharding.optimizer_state_shardings(mesh, opt_state)
+        b = jax.tree.map(lambda _: sharding.batch_sharding(mesh), rows)
+        return (p, o, b), (p, o, sharding.replicated(mesh))
+
+    return _MeshProgram(update, mesh, shardings_for, donate_argnums)
 
 
-def make_log_prob_fn(graphdef: nnx.GraphDef, micro_rows: int, chunk: int = 512) -> Callable:
-    """A jitted ``log_probs(params, rows) -> [rows, R]`` (no gradient), micro-batched with lax.map."""
+def make_log_prob_fn(
+    graphdef: nnx.GraphDef, micro_rows: int, chunk: int = 512, *, mesh: Mesh | None = None
+) -> Callable:
+    """A jitted ``log_probs(params, rows) -> [rows, R]`` (no gradient), micro-batched with lax.map.
+
+    With ``mesh``: parameters sharded by the rules, rows and the result split over
+    ``("data", "fsdp")``.
+    """
+    micro_sharding = _micro_sharding(mesh)
 
     def log_probs(params, rows: PolicyRows):
+        check_rows_divisible(rows.response.shape[0], micro_rows, mesh)
         model = nnx.merge(graphdef, params)
-        micro = _split_micro(rows, micro_rows)
+        micro = _constrain(_split_micro(rows, micro_rows), micro_sharding)
         out = jax.lax.map(lambda r: response_log_probs(model, r, chunk=chunk), micro)
         return out.reshape(rows.response.shape)
 
-    return jax.jit(log_probs)
+    if mesh is None:
+        return jax.jit(log_probs)
+
+    def shardings_for(params, rows):
+        b = sharding.batch_sharding(mesh)
+        return (sharding.param_shardings(mesh, params), jax.tree.map(lambda _: b, rows)), b
+
+    return _MeshProgram(log_probs, mesh, shardings_for, ())
 
 
 def params_of(model: CausalLM) -> tuple[nnx.GraphDef, Any]:

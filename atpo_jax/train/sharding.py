@@ -44,6 +44,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from atpo_jax.models import KVCache, init_cache
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -289,3 +291,112 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, leaf)
 
     return jax.tree_util.tree_map_with_path(place, batch)
+
+
+# --------------------------------------------------------------------------------------------
+# Placement, resharding and the rollout engine's KV cache
+
+
+def reshard(tree: Any, shardings: Any) -> Any:
+    """``tree`` (global arrays) moved to ``shardings`` by one jitted identity: works across hosts,
+    where ``jax.device_put`` between meshes may not."""
+    return jax.jit(lambda x: x, out_shardings=shardings)(tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Global arrays in ``shardings`` from values that every process holds in full (the same on
+    every host, e.g. a model built from the same seed): each process fills only its own shards."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(leaf: Any, target: jax.sharding.Sharding) -> jax.Array:
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def host_local_copy(tree: Any, mesh: Mesh, local_mesh: Mesh) -> Any:
+    """Process-local arrays on ``local_mesh`` (this host's devices) holding the full values of the
+    global arrays ``tree`` on ``mesh``, sharded over ``local_mesh`` by the parameter rules.
+
+    Multi-host rollouts use it: each host runs its own engine programs on its own devices, so it
+    needs the whole policy there. The values are first replicated over ``mesh`` (one collective
+    all-gather; a transient full copy per device), then each host re-lays out its copy locally.
+    On a single process it is a plain reshard onto ``local_mesh``.
+    """
+    if jax.process_count() == 1:
+        return reshard(tree, param_shardings(local_mesh, tree))
+    full = reshard(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+    local = jax.tree.map(lambda x: x.addressable_data(0), full)
+    return jax.device_put(local, param_shardings(local_mesh, local))
+
+
+def kv_cache_shardings(mesh: Mesh, cache: Any) -> Any:
+    """Shardings of a rollout KV-cache pool (``models.KVCache``, concrete or abstract) on ``mesh``.
+
+    ``k``/``v`` [layers, slots, max_len, kv_heads, head_dim]: slots over ``("data", "fsdp")`` and
+    kv heads over ``tensor``, each only when the axis divides the dimension (replicated on that
+    axis otherwise); ``lengths`` replicated. Sharding the slots divides the pool's memory by
+    ``data * fsdp``; the price is that a decode batch reads its slots with a masked local gather
+    plus an all-reduce of the batch's [rows, kv_len, kv_heads, head_dim] keys and values per layer
+    (XLA's partitioning of a gather along a sharded dimension), since a batch row may live on any
+    device.
+    """
+    _, slots, _, kv_heads, _ = np.shape(cache.k)
+    ways = batch_parallelism(mesh)
+    slot_axes = BATCH_AXES if slots % ways == 0 else None
+    head_axis = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
+    if slot_axes is None or head_axis is None:
+        log.info(
+            "KV cache [%s]: slots %s, kv heads %s",
+            "x".join(map(str, np.shape(cache.k))),
+            "sharded" if slot_axes else f"replicated ({slots} not divisible by {ways})",
+            "sharded" if head_axis else "replicated",
+        )
+    kv = NamedSharding(mesh, PartitionSpec(None, slot_axes, None, head_axis, None))
+    return KVCache(k=kv, v=kv, lengths=replicated(mesh))
+
+
+def process_batch_block(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): this process holds block ``index`` of ``count`` equal contiguous blocks of
+    every batch's rows under ``batch_sharding(mesh)``.
+
+    Multi-host training builds each mini-batch from per-process rows, so each process rolls out
+    the prompts of its own block. Raises ``ValueError`` when processes do not own distinct
+    contiguous blocks (e.g. a ``tensor`` axis spanning hosts while ``data * fsdp`` does not).
+    """
+    rows = batch_parallelism(mesh)
+    spans: dict[int, set[tuple[int, int]]] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((rows,)).items():
+        start, stop, _ = index[0].indices(rows)
+        spans.setdefault(device.process_index, set()).add((start, stop))
+    blocks = {}
+    for process, ranges in spans.items():
+        ordered = sorted(ranges)
+        if any(a[1] != b[0] for a, b in zip(ordered, ordered[1:], strict=False)):
+            raise ValueError(f"process {process} holds non-contiguous batch rows {ordered}")
+        blocks[process] = (ordered[0][0], ordered[-1][1])
+    tiling = sorted(blocks.values())
+    sizes = {stop - start for start, stop in tiling}
+    tiles = all(a[1] == b[0] for a, b in zip(tiling, tiling[1:], strict=False))
+    if len(sizes) != 1 or not tiles or tiling[0][0] != 0 or tiling[-1][1] != rows:
+        raise ValueError(
+            "every process must hold its own, equally sized block of each batch (mesh.data x "
+            f"mesh.fsdp must span the {jax.process_count()} processes): got row blocks "
+            f"{blocks} of {rows}. Keep the tensor axis inside a host (mesh.tensor <= devices "
+            "per host)."
+        )
+    size = sizes.pop()
+    return blocks[jax.process_index()][0] // size, rows // size
+
+
+def engine_cache_shardings(
+    mesh: Mesh | None, model_config: Any, num_slots: int, max_len: int
+) -> Any:
+    """``kv_cache_shardings`` for an engine's pool of ``num_slots`` x ``max_len``; None (the
+    engine's default placement) without a mesh or on a one-device mesh."""
+    if mesh is None or mesh.size == 1:
+        return None
+    abstract = jax.eval_shape(lambda: init_cache(model_config, num_slots, max_len))
+    return kv_cache_shardings(mesh, abstract)
