@@ -329,3 +329,13 @@ def merge_eval_results(per_process: Sequence[Mapping[str, Any]]) -> dict[str, An
         "by_source": by_source,
         "samples": samples,
     }
+
+
+def main_process_first(fn: Any, name: str) -> Any:
+    """``fn()`` on process 0, then on the others (e.g. building files the others then read)."""
+    if not is_main_process():
+        barrier(name)
+    result = fn()
+    if is_main_process():
+        barrier(name)
+    return result

@@ -10,11 +10,19 @@ One RL step::
 Step numbering: checkpoint k holds the state after k RL steps; checkpoint 0 is the warm-started
 policy. Every random choice derives from (seed, step, tree, node) and the data order from (seed,
 epoch), so a resumed run repeats an uninterrupted one exactly.
+
+Scale-out (DESIGN.md §8, docs/scale_out.md): parameters and optimizer state live on the mesh of
+``config.mesh`` (all devices of all processes), sharded by ``train.sharding``'s rules, and every
+mini-batch is a global array split over ``("data", "fsdp")``. Each process rolls out (and calls
+tools for) its own share of every mini-batch's prompts on its own devices, with global tree ids,
+so a run's numbers do not depend on the number of processes; step metrics and evaluation are
+reduced over processes and only process 0 writes logs, traces and exports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any
@@ -29,12 +37,12 @@ from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.synthetic import read_demos
 from atpo_jax.rewards.qa import compute_reward
 from atpo_jax.rollout.trace import tree_records, write_trace
-from atpo_jax.train import components, evaluation, flops
+from atpo_jax.train import components, distributed, evaluation, flops, sharding
 from atpo_jax.train.checkpointing import Checkpointer, install_sigterm_handler
 from atpo_jax.train.credit import assign_credit
 from atpo_jax.train.metrics import MetricsWriter, PhaseTimer, ProgressBar
 from atpo_jax.train.optimizer import build_optimizer, current_learning_rate, nonfinite_skips
-from atpo_jax.train.policy import make_log_prob_fn, make_update_fn, policy_rows
+from atpo_jax.train.policy import PolicyRows, make_log_prob_fn, make_update_fn, policy_rows
 from atpo_jax.train.sft import encode_demonstrations, run_sft
 
 logger = logging.getLogger(__name__)
@@ -57,14 +65,21 @@ class Trainer:
         self.config = config
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
-        self.data = components.load_data(config, workdir)
+        # Process 0 writes the synthetic world's files first; the others then only read them.
+        self.data = distributed.main_process_first(
+            lambda: components.load_data(config, workdir), "load_data"
+        )
         self.tokenizer = self.data.tokenizer
         self.train_prompts = self._encode_rows(self.data.train, "training")
         self.toolbox = components.connect_tools(config, self.data.corpus)
         self.model = components.build_policy(config, self.tokenizer)
-        self.search = components.build_search(config, self.model, self.tokenizer, self.toolbox)
+        self._init_mesh()
+        rollout_model = self._rollout_model()
+        self.search = components.build_search(
+            config, rollout_model, self.tokenizer, self.toolbox, mesh=self.rollout_mesh
+        )
         self.eval_search = components.build_eval_search(
-            config, self.model, self.tokenizer, self.toolbox
+            config, rollout_model, self.tokenizer, self.toolbox, mesh=self.rollout_mesh
         )
         self.loss_settings = components.loss_settings(config)
         self.credit_settings = components.credit_settings(config)
@@ -77,11 +92,15 @@ class Trainer:
         optim["total_steps"] = optim["total_steps"] or t.steps * updates_per_step
         self.optim_config = optim
         self.optimizer = build_optimizer(optim)
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_state = self._init_opt_state()
         self.update_fn = make_update_fn(
-            self.graphdef, self.optimizer, self.loss_settings, t.micro_batch_rows
+            self.graphdef,
+            self.optimizer,
+            self.loss_settings,
+            t.micro_batch_rows,
+            mesh=self.train_mesh,
         )
-        self.log_prob_fn = make_log_prob_fn(self.graphdef, t.micro_batch_rows)
+        self.log_prob_fn = make_log_prob_fn(self.graphdef, t.micro_batch_rows, mesh=self.train_mesh)
         # The frozen reference policy only exists (and only runs) when its KL term does.
         self.ref_params = (
             jax.tree.map(jnp.copy, self.params) if self.loss_settings.kl_coef > 0 else None
@@ -99,6 +118,77 @@ class Trainer:
         )
         self.timer = PhaseTimer()
         self.step = 0
+
+    # ------------------------------------------------------------------ devices
+
+    def _init_mesh(self) -> None:
+        """The training mesh (all devices of all processes), the rollout mesh (this process's
+        devices), this process's share of every batch, and the policy placed on the mesh."""
+        cfg = self.config
+        try:
+            self.mesh = sharding.make_mesh(cfg.mesh)
+            self.batch_block, self.batch_blocks = sharding.process_batch_block(self.mesh)
+            distributed.check_batch_layout(
+                mini_batch_prompts=cfg.train.mini_batch_prompts,
+                samples_per_tree=cfg.rollout.samples_per_tree,
+                micro_batch_rows=cfg.train.micro_batch_rows,
+                ways=sharding.batch_parallelism(self.mesh),
+                blocks=self.batch_blocks,
+            )
+        except ValueError as e:
+            raise components.ConfigError(str(e)) from e
+        # One device: the programs are jitted exactly as without a mesh (and stay as fast).
+        self.train_mesh = self.mesh if self.mesh.size > 1 else None
+        # Rollouts are per process (each runs its own prompts), on its own devices.
+        self.rollout_mesh = self.mesh if jax.process_count() == 1 else self.mesh.local_mesh
+        params = nnx.state(self.model)
+        self.param_shardings = sharding.param_shardings(self.mesh, params)
+        nnx.update(self.model, sharding.place(params, self.param_shardings))
+
+    def _placed(self, params: Any) -> Any:
+        """``params`` in the canonical parameter shardings (after a program that chose its own)."""
+        if self.train_mesh is None:
+            return params
+        return sharding.reshard(params, self.param_shardings)
+
+    def _init_opt_state(self) -> Any:
+        if self.train_mesh is None:
+            return self.optimizer.init(self.params)
+        abstract = jax.eval_shape(self.optimizer.init, self.params)
+        shardings = sharding.optimizer_state_shardings(self.mesh, abstract)
+        return jax.jit(self.optimizer.init, out_shardings=shardings)(self.params)
+
+    def _rollout_model(self) -> Any:
+        """The policy the engines run: the model itself (collocated, as sharded for training) on
+        one process; a copy on this process's devices in a multi-process run."""
+        if jax.process_count() == 1:
+            return self.model
+        graphdef, params = nnx.split(self.model)
+        return nnx.merge(
+            graphdef, sharding.host_local_copy(params, self.mesh, self.rollout_mesh), copy=False
+        )
+
+    def _local_batch(self, batch: StepBatch) -> StepBatch:
+        """This process's share of every mini-batch of the step (all of it on one process)."""
+        t = self.config.train
+        positions = distributed.local_prompt_positions(
+            t.prompts_per_step, t.mini_batch_prompts, self.batch_block, self.batch_blocks
+        )
+        return StepBatch(
+            indices=[batch.indices[i] for i in positions],
+            prompts=[batch.prompts[i] for i in positions],
+            golds=[batch.golds[i] for i in positions],
+        )
+
+    def _mini_batches(self, rows: PolicyRows) -> list[PolicyRows]:
+        """The step's mini-batches, in order; on a mesh, global arrays assembled from every
+        process's rows of that mini-batch."""
+        local = self.mini_rows // self.batch_blocks
+        minis = []
+        for start in range(0, rows.response.shape[0], local):
+            mini = jax.tree.map(lambda x, s=start: x[s : s + local], rows)
+            minis.append(mini if self.train_mesh is None else sharding.shard_batch(mini, self.mesh))
+        return minis
 
     # ------------------------------------------------------------------ data
 
@@ -137,8 +227,9 @@ class Trainer:
     def _sync_model(self) -> None:
         """Points the model and both engines at the current parameters (after updates)."""
         nnx.update(self.model, self.params)
-        self.search.engine.set_model(self.model)
-        self.eval_search.engine.set_model(self.model)
+        rollout_model = self._rollout_model()
+        self.search.engine.set_model(rollout_model)
+        self.eval_search.engine.set_model(rollout_model)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -187,8 +278,9 @@ class Trainer:
                     warmup_steps=cfg.warmup_steps,
                     seed=self.config.seed,
                 )
-            self.graphdef, self.params = nnx.split(self.model)
-            self.opt_state = self.optimizer.init(self.params)
+            self.graphdef, params = nnx.split(self.model)
+            self.params = self._placed(params)
+            self.opt_state = self._init_opt_state()
             if self.ref_params is not None:  # the KL reference is the warm-started policy
                 self.ref_params = jax.tree.map(jnp.copy, self.params)
             self._sync_model()
@@ -202,15 +294,19 @@ class Trainer:
         rows = components.eval_rows(self.config, self.data)
         if not rows:
             return {}
+        # Each process evaluates a contiguous share of the questions; results are merged.
+        share = distributed.split_evenly(len(rows), jax.process_index(), jax.process_count())
         with self.timer.phase("eval"):
             results = evaluation.evaluate(
                 self.eval_search,
                 self.tokenizer,
-                rows,
+                [rows[i] for i in share],
                 batch_prompts=self.config.eval.batch_prompts,
                 reward_mode=self.config.reward.mode,
             )
-        evaluation.save_results(results, os.path.join(self.workdir, f"eval_{step:06d}.json"))
+            results = distributed.merge_eval_results(distributed.allgather_objects(results))
+        if distributed.is_main_process():
+            evaluation.save_results(results, os.path.join(self.workdir, f"eval_{step:06d}.json"))
         metrics = {"eval/em": results["em"], "eval/f1": results["f1"]}
         for source, r in results["by_source"].items():
             metrics[f"eval/em/{source}"] = r["em"]
@@ -222,7 +318,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
-        batch_spec = self.step_batch(step)
+        batch_spec = self._local_batch(self.step_batch(step))
         with self.timer.phase("rollout"):
             out = self.search.rollout(batch_spec.prompts, step, tree_ids=batch_spec.indices)
         with self.timer.phase("reward"):
@@ -260,17 +356,19 @@ class Trainer:
             advantages=advantages,
             old_log_probs=batch.sampled_log_probs if cfg.loss.old_log_probs == "sampler" else None,
         )
+        minis = self._mini_batches(rows)
         with self.timer.phase("log_probs"):
             if cfg.loss.old_log_probs == "recompute":
-                rows = rows.replace(old_log_probs=self.log_prob_fn(self.params, rows))
+                minis = [m.replace(old_log_probs=self.log_prob_fn(self.params, m)) for m in minis]
             if self.ref_params is not None:
-                rows = rows.replace(ref_log_probs=self.log_prob_fn(self.ref_params, rows))
-            jax.block_until_ready(rows.old_log_probs)
+                minis = [
+                    m.replace(ref_log_probs=self.log_prob_fn(self.ref_params, m)) for m in minis
+                ]
+            jax.block_until_ready([m.old_log_probs for m in minis])
         with self.timer.phase("update"):
             update_metrics = []
             for _ in range(cfg.train.ppo_epochs):
-                for start in range(0, rows.response.shape[0], self.mini_rows):
-                    mini = jax.tree.map(lambda x, s=start: x[s : s + self.mini_rows], rows)
+                for mini in minis:
                     self.params, self.opt_state, m = self.update_fn(
                         self.params, self.opt_state, mini
                     )
@@ -279,18 +377,31 @@ class Trainer:
         self._sync_model()
         self.step = step
         metrics = self._step_metrics(out, results, scores, rows, credit, update_metrics)
-        if cfg.rollout.trace_every and step % cfg.rollout.trace_every == 0:
+        # Traces show process 0's trees (each process holds only its own).
+        if (
+            cfg.rollout.trace_every
+            and step % cfg.rollout.trace_every == 0
+            and jax.process_index() == 0
+        ):
             self._write_trace(step, out, batch, credit)
         return metrics
 
     def _step_metrics(self, out, results, scores, rows, credit, update_metrics) -> dict[str, float]:
         mask = np.asarray(rows.loss_mask) != 0
-        adv = np.asarray(rows.advantages)[mask]
+        # Every process's rows, in global order (the local arrays themselves on one process).
+        gather = functools.partial(distributed.allgather_concat, position=self.batch_block)
+        adv = gather(np.asarray(rows.advantages)[mask])
+        scores = gather(scores)
+        ems = gather(np.array([r.em for r in results], np.float64))
+        f1s = gather(np.array([r.f1 for r in results], np.float64))
+        rollout_metrics = distributed.merge_rollout_metrics(
+            distributed.allgather_objects(out.metrics)
+        )
         metrics = {
             "reward/mean": float(scores.mean()),
             "reward/std": float(scores.std()),
-            "em": float(np.mean([r.em for r in results])),
-            "f1": float(np.mean([r.f1 for r in results])),
+            "em": float(np.mean(ems)),
+            "f1": float(np.mean(f1s)),
             "format_failure_rate": float(np.mean(scores < 0)),
             "advantage/mean": float(adv.mean()) if adv.size else 0.0,
             "advantage/std": float(adv.std()) if adv.size else 0.0,
@@ -298,17 +409,17 @@ class Trainer:
             "advantage/min": float(adv.min()) if adv.size else 0.0,
             "lr": float(current_learning_rate(self.optim_config, self.opt_state)),
             "nonfinite_skips": float(nonfinite_skips(self.opt_state)),
-            "trained_tokens": float(mask.sum()),
-            **out.metrics,
+            "trained_tokens": float(adv.size),
+            **rollout_metrics,
         }
         for key in update_metrics[0]:
             metrics[f"update/{key}"] = float(np.mean([m[key] for m in update_metrics]))
         metrics.update(self.timer.pop())
         rollout_s = metrics.get("time/rollout_s", 0.0)
         update_s = metrics.get("time/update_s", 0.0) + metrics.get("time/log_probs_s", 0.0)
-        generated = out.metrics["rollout/generated_tokens"]
+        generated = rollout_metrics["rollout/generated_tokens"]
         context = rows.input_ids.shape[1]
-        processed = float(np.asarray(rows.attention_mask).sum())
+        processed = float(gather(np.asarray(rows.attention_mask).sum(1)).sum())
         if rollout_s:
             metrics["throughput/generated_tokens_per_s"] = generated / rollout_s
         if update_s:
@@ -363,11 +474,7 @@ class Trainer:
             self.checkpointer.save(self.step, self.state_dict(), force=True)
             self.checkpointer.wait()
             if cfg.checkpoint.export_hf:
-                from atpo_jax.models import save_pretrained
-
-                save_pretrained(
-                    self.model, os.path.join(self.workdir, "hf_export"), tokenizer=self.tokenizer
-                )
+                self._export_hf(os.path.join(self.workdir, "hf_export"))
         finally:
             progress.close()
             shutdown.uninstall()
@@ -376,6 +483,21 @@ class Trainer:
         if cfg.logging.plot:
             self.writer.plot(keys=("reward/mean", "em", "eval/em", "update/entropy"))
         return last_eval
+
+    def _export_hf(self, path: str) -> None:
+        """The policy as a Hugging Face checkpoint, written by process 0 (the parameters are
+        first gathered from every process: a collective)."""
+        from atpo_jax.models import save_pretrained
+
+        model = self.model
+        if jax.process_count() > 1:
+            full = sharding.reshard(
+                self.params, jax.tree.map(lambda _: sharding.replicated(self.mesh), self.params)
+            )
+            local = jax.tree.map(lambda x: x.addressable_data(0), full)
+            model = nnx.merge(self.graphdef, local, copy=False)
+        if distributed.is_main_process():
+            save_pretrained(model, path, tokenizer=self.tokenizer)
 
     def _save_now(self) -> None:
         self.checkpointer.save(self.step, self.state_dict(), force=True)
