@@ -2,6 +2,12 @@
 
 Config overrides use ml_collections syntax, e.g. ``--config.rollout.beam_size=4``. ``--resume``
 continues from the newest complete checkpoint in ``<workdir>/checkpoints``.
+
+Multi-process runs (docs/scale_out.md): start the same command once per process. On TPU pods,
+SLURM and Open MPI ``jax.distributed`` finds its peers by itself; elsewhere pass
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or set
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). Without any of these the
+run is single-process.
 """
 
 from __future__ import annotations
@@ -19,6 +25,25 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<variant>).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in the workdir.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed: auto = when a coordinator/process count is given or a multi-process "
+    "SLURM, Open MPI or TPU-pod job is detected; on = always (JAX detects the cluster); off.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (env JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (env JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank (env JAX_PROCESS_ID).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids",
+    None,
+    "Comma-separated local devices of this process (env JAX_LOCAL_DEVICE_IDS).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -29,16 +54,30 @@ def main(argv: list[str]) -> None:
     logging.getLogger("atpo_jax").setLevel(logging.INFO)
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.variant)
+    from atpo_jax.train import distributed
     from atpo_jax.train.components import ConfigError
     from atpo_jax.train.trainer import Trainer
 
+    try:
+        distributed.initialize(
+            {
+                "mode": _DISTRIBUTED.value,
+                "coordinator_address": _COORDINATOR.value,
+                "num_processes": _NUM_PROCESSES.value,
+                "process_id": _PROCESS_ID.value,
+                "local_device_ids": _LOCAL_DEVICE_IDS.value,
+            }
+        )
+    except ValueError as e:
+        print(f"distributed setup error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         trainer = Trainer(config, workdir)
         results = trainer.run(resume=_RESUME.value)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
-    if results:
+    if results and distributed.is_main_process():
         from atpo_jax.train.evaluation import markdown_table
 
         print(f"\nHeld-out evaluation after {trainer.step} steps (workdir {workdir}):")
