@@ -1,0 +1,231 @@
+"""Scale-out (DESIGN.md §8): sharded update/log-prob programs and engine on 8 simulated devices, the
+trainer on a mesh and in two real processes, checkpoints restored onto other meshes.
+
+The main pytest process keeps its single CPU device: every multi-device check runs in a child
+(``tests.train.multidevice``), every multi-process check in children started here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from atpo_jax.train import distributed
+from tests.train.multidevice import run_python
+
+# ----------------------------------------------------------------------------------------------
+# Host-side helpers (no devices needed)
+
+
+def test_local_prompt_positions_split_every_mini_batch():
+    assert distributed.local_prompt_positions(8, 4, 0, 1) == list(range(8))
+    assert distributed.local_prompt_positions(8, 4, 0, 2) == [0, 1, 4, 5]
+    assert distributed.local_prompt_positions(8, 4, 1, 2) == [2, 3, 6, 7]
+    shares = [distributed.local_prompt_positions(12, 6, b, 3) for b in range(3)]
+    assert sorted(sum(shares, [])) == list(range(12))
+    with pytest.raises(
+        ValueError, match=r"train.mini_batch_prompts=4 must be divisible by .* \(3\)"
+    ):
+        distributed.local_prompt_positions(8, 4, 0, 3)
+
+
+def test_batch_layout_errors_name_the_setting():
+    ok = dict(mini_batch_prompts=8, samples_per_tree=8, micro_batch_rows=16, ways=8, blocks=2)
+    distributed.check_batch_layout(**ok)
+    with pytest.raises(ValueError, match=r"train.micro_batch_rows=12 must be divisible by .* = 8"):
+        distributed.check_batch_layout(**{**ok, "micro_batch_rows": 12})
+    with pytest.raises(ValueError, match=r"train.mini_batch_prompts=3 must be divisible .* \(2\)"):
+        distributed.check_batch_layout(**{**ok, "mini_batch_prompts": 3, "ways": 1})
+
+
+def test_settings_from_flags_then_environment():
+    env = {
+        "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+        "JAX_NUM_PROCESSES": "4",
+        "JAX_PROCESS_ID": "2",
+    }
+    s = distributed.settings_from({"process_id": None, "num_processes": None}, env)
+    assert (s.coordinator_address, s.num_processes, s.process_id) == ("10.0.0.1:1234", 4, 2)
+    s = distributed.settings_from({"process_id": 0, "coordinator_address": "h:1"}, env)
+    assert (s.coordinator_address, s.num_processes, s.process_id) == ("h:1", 4, 0)
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='x' is not an integer"):
+        distributed.settings_from({}, {"JAX_NUM_PROCESSES": "x"})
+    with pytest.raises(ValueError, match=r"--process_id=5 must be in \[0, --num_processes=2\)"):
+        distributed.settings_from({"num_processes": 2, "process_id": 5}, {})
+    # Nothing given and no cluster: a plain single-process run (jax.distributed not started).
+    assert distributed.initialize({}, env={}) is False
+    assert distributed.initialize({"mode": "off", "num_processes": 2}, env={}) is False
+    assert distributed._cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "slurm"
+    assert distributed._cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert distributed._cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "tpu pod"
+
+
+def test_merging_per_process_metrics_and_eval_results():
+    merged = distributed.merge_rollout_metrics(
+        [
+            {"rollout/tool_calls": 3.0, "rollout/response_length_mean": 10.0,
+             "rollout/response_length_max": 40.0, "rollout/leaf_depth_1": 2.0, "time/tools_s": 1.0},
+            {"rollout/tool_calls": 5.0, "rollout/response_length_mean": 20.0,
+             "rollout/response_length_max": 30.0, "rollout/leaf_depth_2": 4.0, "time/tools_s": 3.0},
+        ]
+    )  # fmt: skip
+    assert merged == {
+        "rollout/tool_calls": 8.0,
+        "rollout/response_length_mean": 15.0,
+        "rollout/response_length_max": 40.0,
+        "rollout/leaf_depth_1": 2.0,
+        "rollout/leaf_depth_2": 4.0,
+        "time/tools_s": 3.0,
+    }
+    a = {
+        "em": 0.5,
+        "f1": 0.5,
+        "n": 2,
+        "by_source": {"x": {"em": 0.5, "f1": 0.5, "n": 2}},
+        "samples": [1, 2],
+    }
+    b = {"em": 1.0, "f1": 0.25, "n": 6, "by_source": {"x": {"em": 1.0, "f1": 0.0, "n": 2},
+                                                      "y": {"em": 1.0, "f1": 0.375, "n": 4}},
+         "samples": [3, 4, 5, 6]}  # fmt: skip
+    r = distributed.merge_eval_results([a, b])
+    assert r["n"] == 8 and r["em"] == pytest.approx(7 / 8) and r["f1"] == pytest.approx(2.5 / 8)
+    assert r["by_source"]["x"] == {"em": 0.75, "f1": 0.25, "n": 4}
+    assert r["by_source"]["y"]["n"] == 4
+    assert r["samples"] == [1, 2, 3, 4, 5]
+    assert distributed.split_evenly(10, 0, 3) == range(0, 3)
+    assert [len(distributed.split_evenly(10, b, 3)) for b in range(3)] == [3, 4, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# 8 simulated devices: one update and log-probs, sharded vs one device; the engine
+
+
+def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match():
+    result = run_python(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        from atpo_jax import models
+        from atpo_jax.rollout.engine import Engine
+        from atpo_jax.rollout.sampling import SamplingParams
+        from atpo_jax.train import optimizer as opt, policy, sharding as S
+
+        config = models.ModelConfig(model_type="qwen3", vocab_size=160, hidden_size=32,
+            intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+            qk_norm=True, tie_word_embeddings=True)
+        model = models.CausalLM(config, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        rng = np.random.default_rng(0)
+        rows_n, P, R = 16, 6, 10
+        prompt = rng.integers(1, 160, (rows_n // 4, P)).astype(np.int32)
+        pmask = np.ones_like(prompt); pmask[:, :2] = 0  # left padding
+        response = rng.integers(1, 160, (rows_n, R)).astype(np.int32)
+        loss_mask = (rng.random((rows_n, R)) < 0.7).astype(np.int32)
+        loss_mask[:, 0] = 1; loss_mask[3] = 0  # one empty row
+        rows = policy.policy_rows(prompt, pmask, np.repeat(np.arange(rows_n // 4), 4), response,
+                                  loss_mask, advantages=rng.normal(size=(rows_n, R)))
+        settings = policy.LossSettings(policy_loss="atpo", clip_low=0.2, clip_high=0.28)
+        tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-2, grad_clip_norm=1.0))
+
+        # One device: old log-probs (perturbed so ratios and clipping are non-trivial), one update.
+        ref_lp = policy.make_log_prob_fn(graphdef, 8)(params, rows)
+        rows = rows.replace(old_log_probs=np.asarray(ref_lp) + rng.normal(0, 0.3, (rows_n, R)))
+        update = policy.make_update_fn(graphdef, tx, settings, 8, donate=False)
+        ref_params, _, ref_metrics = update(params, tx.init(params), rows)
+
+        out = {"devices": jax.device_count(), "meshes": {}}
+        for sizes in [(1, 8, 1), (2, 2, 2)]:
+            mesh = S.make_mesh(S.mesh_config(*sizes))
+            sharded = S.shard_params(params, mesh)
+            abstract = jax.eval_shape(tx.init, sharded)
+            o_shard = S.optimizer_state_shardings(mesh, abstract)
+            opt_state = jax.jit(tx.init, out_shardings=o_shard)(sharded)
+            batch = S.shard_batch(rows, mesh)
+            lp = policy.make_log_prob_fn(graphdef, 8, mesh=mesh)(sharded, batch)
+            new, new_state, metrics = policy.make_update_fn(
+                graphdef, tx, settings, 8, mesh=mesh, donate=False)(sharded, opt_state, batch)
+            embed = new["embed_tokens"]["embedding"][...]
+            out["meshes"][str(sizes)] = {
+                "lp_err": float(jnp.max(jnp.abs(lp - ref_lp))),
+                "lp_spec": [list(a) if isinstance(a, tuple) else a for a in lp.sharding.spec],
+                "loss": float(metrics["loss"]),
+                "metric_errs": {k: abs(float(metrics[k]) - float(ref_metrics[k]))
+                                for k in ref_metrics},
+                "param_err": max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                                 zip(jax.tree.leaves(new), jax.tree.leaves(ref_params))),
+                "embed_spec": list(embed.sharding.spec),
+                "mu_specs": sorted({str(x.sharding.spec) for p, x in
+                    jax.tree_util.tree_leaves_with_path(new_state)
+                    if "mu/embed_tokens" in S.path_str(p)}),
+            }
+            if sizes == (1, 8, 1):
+                try:
+                    policy.make_update_fn(graphdef, tx, settings, 4, mesh=mesh, donate=False)(
+                        sharded, opt_state, batch)
+                except ValueError as err:
+                    out["micro_error"] = str(err)
+        out["ref_loss"] = float(ref_metrics["loss"])
+        out["ref_clipfrac"] = float(ref_metrics["clipfrac"])
+        out["param_change"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                                  zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)))
+
+        # Engine: greedy tokens with the pool and parameters sharded == on one device.
+        model.embed_tokens.embedding[...] = model.embed_tokens.embedding[...] * 20.0
+        prompts = [[5, 9, 13], [7, 1, 22, 40, 3, 8, 11], [30], [2, 4, 6, 8, 10, 12, 14, 16]]
+
+        def generate(engine):
+            slots = engine.allocate(len(prompts))
+            engine.prefill_many(slots, prompts)
+            first = engine.generate(slots, [12] * len(slots), jax.random.key(0))
+            # A branch: fork a prefix, add an observation, generate again (batch of 2).
+            (dst,) = engine.allocate(1)
+            engine.fork(slots[1], dst, 9)
+            engine.extend_many([dst, slots[2]], [[50, 51, 52], [60]])
+            second = engine.generate([dst, slots[2]], [10, 10], jax.random.key(1))
+            return [g.tokens for g in first + second], [g.log_probs for g in first + second]
+
+        kwargs = dict(num_slots=8, max_len=64, eos_token_ids=[0], decode_chunk=4, kv_bucket=16,
+                      sampling=SamplingParams(temperature=0.0))
+        ref_tokens, ref_lps = generate(Engine(model, **kwargs))
+        out["engine"] = {}
+        for sizes in [(2, 2, 2)]:  # slots over data x fsdp, kv heads over tensor
+            mesh = S.make_mesh(S.mesh_config(*sizes))
+            sharded_model = nnx.merge(graphdef, S.shard_params(nnx.state(model), mesh))
+            cache_sharding = S.engine_cache_shardings(mesh, config, 8, 64)
+            engine = Engine(sharded_model, cache_sharding=cache_sharding, **kwargs)
+            tokens, lps = generate(engine)
+            out["engine"][str(sizes)] = {
+                "same_tokens": tokens == ref_tokens,
+                "lp_err": max(abs(a - b) for x, y in zip(lps, ref_lps) for a, b in zip(x, y)),
+                "cache_spec": [list(a) if isinstance(a, tuple) else a
+                               for a in engine.cache.k.sharding.spec],
+                "cache_shard": list(engine.cache.k.addressable_shards[0].data.shape),
+            }
+        out["tokens"] = ref_tokens
+        emit(out)
+        """,
+        timeout=300,
+    )
+    assert result["devices"] == 8
+    assert result["ref_loss"] != 0.0 and result["ref_clipfrac"] > 0.0  # a real, clipped update
+    assert result["param_change"] > 1e-4
+    for sizes, r in result["meshes"].items():
+        data, fsdp, tensor = eval(sizes)  # noqa: S307 - our own tuple literal
+        assert r["lp_err"] < 1e-5, sizes
+        assert r["lp_spec"] == [["data", "fsdp"]]
+        assert abs(r["loss"] - result["ref_loss"]) < 1e-6, sizes
+        assert max(r["metric_errs"].values()) < 1e-4, (sizes, r["metric_errs"])
+        assert r["param_err"] < 1e-5, sizes  # same AdamW step (clipped) as one device
+        assert r["embed_spec"] == ["tensor", "fsdp"]
+        assert r["mu_specs"] == ["P('tensor', 'fsdp')"]
+    assert (
+        "train.micro_batch_rows=4 must be divisible by the batch parallelism"
+        in (result["micro_error"])
+    )
+    assert "mesh.data x mesh.fsdp = 8" in result["micro_error"]
+    assert sum(len(t) for t in result["tokens"]) > 40  # real generations, not immediate EOS
+    for sizes, r in result["engine"].items():
+        data, fsdp, tensor = eval(sizes)  # noqa: S307
+        assert r["same_tokens"], sizes
+        assert r["lp_err"] < 1e-4, sizes
+        assert r["cache_spec"] == [None, ["data", "fsdp"], None, "tensor"], sizes
+        assert r["cache_shard"] == [1, 8 // (data * fsdp), 64, 2 // tensor, 8], sizes
