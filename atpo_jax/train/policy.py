@@ -291,7 +291,7 @@ def make_update_fn(
         zeros = _constrain(jax.tree.map(jnp.zeros_like, params), grad_shardings)
         first = jax.tree.map(lambda x: x[0], micro)
         metric_shapes = jax.eval_shape(
-            lambda: policy_loss(nnx.merge(graphdef, params), first, settings)[1]
+            lambda p, b: policy_loss(nnx.merge(graphdef, p), b, settings)[1], params, first
         )
         init_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
         (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, init_metrics), micro)
@@ -325,9 +325,14 @@ def make_log_prob_fn(
 
     def log_probs(params, rows: PolicyRows):
         check_rows_divisible(rows.response.shape[0], micro_rows, mesh)
-        model = nnx.merge(graphdef, params)
         micro = _constrain(_split_micro(rows, micro_rows), micro_sharding)
-        out = jax.lax.map(lambda r: response_log_probs(model, r, chunk=chunk), micro)
+
+        # The parameters enter the loop as its carry, not by closure: nnx.remat (model.remat)
+        # refuses to touch parameters that belong to the trace outside the loop.
+        def micro_step(p, r):
+            return p, response_log_probs(nnx.merge(graphdef, p), r, chunk=chunk)
+
+        _, out = jax.lax.scan(micro_step, params, micro)
         return out.reshape(rows.response.shape)
 
     if mesh is None:

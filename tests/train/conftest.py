@@ -80,3 +80,45 @@ def trained_run(run_overrides, child_env, tmp_path_factory) -> str:
     runs.check(runs.run_module("atpo_jax.launch", args, child_env))
     assert os.path.isfile(os.path.join(workdir, "hf_export", "config.json"))
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(world_dir, tmp_path_factory) -> str:
+    """A random 2-layer Qwen3 saved by transformers, with the synthetic world's tokenizer."""
+    import torch
+    import transformers
+
+    from atpo_jax.data.synthetic import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(world_dir, "tokenizer"))
+    config = transformers.Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("qwen3") / "tiny-qwen3")
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qa_files(world_dir, tmp_path_factory) -> dict[str, str]:
+    """Small Search-R1-format parquet files (``train``, ``test``) with the world's questions."""
+    from atpo_jax.data import read_rows, write_rows
+
+    root = tmp_path_factory.mktemp("qa")
+    files = {"train": str(root / "train.parquet"), "test": str(root / "test.parquet")}
+    write_rows(read_rows(os.path.join(world_dir, "train.parquet"))[:16], files["train"])
+    write_rows(read_rows(os.path.join(world_dir, "test.parquet"))[:8], files["test"])
+    return files
