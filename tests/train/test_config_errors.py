@@ -1,0 +1,191 @@
+"""Clear errors: one message naming the setting (or file), before anything is compiled."""
+
+from __future__ import annotations
+
+import pytest
+
+from atpo_jax.data import read_rows, write_rows
+from atpo_jax.train import components
+from atpo_jax.train.components import ConfigError
+from atpo_jax.train.trainer import Trainer
+from tests.train import runs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rollout.expansion_mode": "foo"}, "rollout.expansion_mode='foo' is not one of"),
+        ({"rollout.samples_per_tree": 7}, "rollout.samples_per_tree=7 but the tree grows"),
+        ({"rollout.mode": "chain"}, "set credit.mode='grpo'"),
+        ({"credit.node_value_mode": "mean"}, "credit.node_value_mode='mean' is not one of"),
+        ({"loss.policy_loss": "dpo"}, "loss.policy_loss='dpo' is not one of"),
+        ({"loss.old_log_probs": "cached"}, "loss.old_log_probs='cached'"),
+        ({"train.mini_batch_prompts": 3}, "train.mini_batch_prompts=3 must divide"),
+        ({"train.micro_batch_rows": 5}, "train.micro_batch_rows=5 must divide"),
+        ({"train.steps": 0}, "train.steps and train.ppo_epochs must be >= 1"),
+    ],
+)
+def test_invalid_values_name_the_setting(overrides, message, tmp_path):
+    config = runs.load_config("tiny", overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        components.validate(config)
+    # The trainer validates first: no data is built, nothing compiled.
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Trainer(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "synthetic").exists()
+
+
+def test_qwen3_4b_needs_model_data_and_retriever(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        Trainer(runs.load_config("qwen3_4b"), str(tmp_path))
+    message = str(err.value)
+    for setting in ("model.path", "data.train_files", "tools.retriever_url"):
+        assert setting in message
+    # Only the missing ones are named.
+    config = runs.load_config("qwen3_4b", {"model.path": "/ckpt/Qwen3-4B"})
+    with pytest.raises(ConfigError) as err:
+        components.validate(config)
+    assert "model.path" not in str(err.value).split(":")[0]
+    assert "data.train_files" in str(err.value)
+
+
+def _files_config(model_dir: str, overrides: dict) -> dict:
+    return {"model.path": model_dir, "tools.corpus": "unused", **overrides}
+
+
+def test_missing_model_path_directory(tiny_qwen3, qa_files, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    config = runs.load_config(
+        "qwen3_4b",
+        {"model.path": missing, "data.train_files": qa_files["train"], "tools.corpus": "x"},
+    )
+    with pytest.raises(ConfigError, match="data.tokenizer_path=.*no-such-model.* does not exist"):
+        Trainer(config, str(tmp_path / "run"))
+    config = runs.load_config(
+        "qwen3_4b",
+        {
+            "model.path": missing,
+            "data.tokenizer_path": tiny_qwen3,
+            "data.train_files": qa_files["train"],
+            "tools.corpus": "x",
+        },
+    )
+    with pytest.raises(ConfigError, match="tools.corpus='x' does not exist"):
+        Trainer(config, str(tmp_path / "run"))
+
+
+def test_unreadable_data_files(tiny_qwen3, qa_files, tmp_path):
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 this is not parquet")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    rows = read_rows(qa_files["train"])[:2]
+    write_rows(rows, bad_jsonl)
+    with open(bad_jsonl, "a") as f:
+        f.write('{"data_source": "x", "prompt": \n')
+    wrong_type = tmp_path / "train.csv"
+    wrong_type.write_text("a,b\n")
+    cases = [
+        ({"data.train_files": str(tmp_path / "absent.parquet")}, r"data.train_files=.*absent"),
+        (
+            {"data.train_files": str(garbage)},
+            r"data.train_files: .*garbage.parquet: not a readable",
+        ),
+        ({"data.train_files": str(bad_jsonl)}, r"data.train_files: .*bad.jsonl line 3"),
+        ({"data.train_files": str(wrong_type)}, r"data.train_files: .*unsupported dataset file"),
+        (
+            {"data.train_files": qa_files["train"], "data.eval_files": str(garbage)},
+            r"data.eval_files: .*garbage.parquet",
+        ),
+    ]
+    for overrides, message in cases:
+        config = runs.load_config("qwen3_4b", _files_config(tiny_qwen3, overrides))
+        with pytest.raises(ConfigError, match=message):
+            Trainer(config, str(tmp_path / "run"))
+
+
+def test_unreadable_corpus_and_tokenizer(tiny_qwen3, qa_files, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "1", "contents": "a"}\nnot json\n')
+    config = runs.load_config(
+        "qwen3_4b",
+        {
+            "model.path": tiny_qwen3,
+            "data.train_files": qa_files["train"],
+            "tools.corpus": str(corpus),
+        },
+    )
+    with pytest.raises(ConfigError, match="tools.corpus=.*corpus.jsonl"):
+        Trainer(config, str(tmp_path / "run"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = runs.load_config(
+        "qwen3_4b",
+        {
+            "model.path": tiny_qwen3,
+            "data.tokenizer_path": str(empty),
+            "data.train_files": qa_files["train"],
+            "tools.corpus": str(corpus),
+        },
+    )
+    with pytest.raises(ConfigError, match="data.tokenizer_path=.*empty.*no tokenizer"):
+        Trainer(config, str(tmp_path / "run"))
+
+
+def test_unreachable_retriever(world_dir, tmp_path):
+    url = f"http://127.0.0.1:{runs.free_port()}/retrieve"
+    config = runs.load_config(
+        "tiny",
+        {
+            "data.synthetic_dir": world_dir,
+            "tools.retriever_url": url,
+            "tools.timeout_s": 1.0,
+            "tools.retries": 1,
+        },
+    )
+    with pytest.raises(ConfigError, match=f"tools.retriever_url='{url}'.*did not answer"):
+        Trainer(config, str(tmp_path / "run"))
+    for overrides, message in [
+        ({"tools.retries": 0}, "tools.retries=0"),
+        ({"tools.retriever_url": "127.0.0.1:8000"}, "tools.retriever_url='127.0.0.1:8000'"),
+    ]:
+        config = runs.load_config(
+            "tiny", {"data.synthetic_dir": world_dir, "tools.retriever_url": url, **overrides}
+        )
+        with pytest.raises(ConfigError, match=message):
+            Trainer(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    ("variant", "overrides", "message"),
+    [
+        ("tiny", {"rollout.expansion_mode": "foo"}, "rollout.expansion_mode='foo'"),
+        ("qwen3_4b", {}, "the qwen3_4b variant needs model.path"),
+        (
+            "tiny",
+            {"tools.retriever_url": "http://127.0.0.1:9/retrieve", "tools.retries": 1},
+            "tools.retriever_url=",
+        ),
+    ],
+    ids=["invalid-value", "missing-model-path", "unreachable-retriever"],
+)
+def test_launcher_exits_2_with_one_message(
+    variant, overrides, message, world_dir, child_env, tmp_path
+):
+    overrides = {"data.synthetic_dir": world_dir, **overrides}
+    args = [*runs.config_flags(variant, overrides), f"--workdir={tmp_path / 'run'}"]
+    proc = runs.run_module("atpo_jax.launch", args, child_env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("configuration error: ") and message in last, proc.stderr[-4000:]
+
+
+def test_launcher_reports_a_corrupt_data_file(tiny_qwen3, tmp_path, child_env):
+    garbage = tmp_path / "train.parquet"
+    garbage.write_bytes(b"\0" * 64)
+    overrides = {"model.path": tiny_qwen3, "data.train_files": str(garbage), "tools.corpus": "x"}
+    args = [*runs.config_flags("qwen3_4b", overrides), f"--workdir={tmp_path / 'run'}"]
+    proc = runs.run_module("atpo_jax.launch", args, child_env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("configuration error: data.train_files: ") and str(garbage) in last
