@@ -13,10 +13,12 @@
 
 Everything else (data, tokenizer, retriever, ``eval.*``) comes from the config, so pass the same
 ``--config`` overrides as the training run. Evaluation is the trainer's: greedy decoding, one chain
-per question, the reward's format check skipped (``atpo_jax.train.evaluation``). The markdown table
-is printed and the results are saved as ``<OUT>/evaluation_<step K | hf name>.json``; ``OUT``
-defaults to the run directory (the parent of ``PATH`` when that holds a run), else
-``runs/evaluate/<name>``. A configuration problem exits with status 2 and one message on stderr.
+per question, the reward's format check skipped (``atpo_jax.train.evaluation``), so a run's own
+``eval_<K>.json`` is reproduced exactly. The markdown table is printed and the results are saved
+as ``<OUT>/evaluation_step_<K>.json`` (orbax) or ``<OUT>/evaluation_<directory name>.json`` (Hugging
+Face); ``OUT`` defaults to the run directory (the parent of ``PATH`` when that holds a run), else
+``runs/evaluate/<directory name>``. A configuration problem (a missing or mismatched checkpoint,
+data file, retriever or setting) exits with status 2 and one message on stderr.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def evaluate_checkpoint(
                 "--step only applies to orbax checkpoint directories, not to a Hugging Face one"
             )
         config.model.path = checkpoint
-        tag = f"hf_{os.path.basename(checkpoint)}"
+        tag = os.path.basename(checkpoint)
     else:
         step = _checkpoint_step(checkpoint, step)
         tag = f"step_{step:06d}"
