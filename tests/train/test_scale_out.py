@@ -7,10 +7,18 @@ The main pytest process keeps its single CPU device: every multi-device check ru
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
 import pytest
 
 from atpo_jax.train import distributed
-from tests.train.multidevice import run_python
+from atpo_jax.train.metrics import read_metrics
+from tests.train.multidevice import REPO_ROOT, run_python, subprocess_env
 
 # ----------------------------------------------------------------------------------------------
 # Host-side helpers (no devices needed)
@@ -229,3 +237,205 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
         assert r["lp_err"] < 1e-4, sizes
         assert r["cache_spec"] == [None, ["data", "fsdp"], None, "tensor"], sizes
         assert r["cache_shard"] == [1, 8 // (data * fsdp), 64, 2 // tensor, 8], sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer: one device, an fsdp=8 mesh, and two real processes on localhost
+
+# The tiny variant, smaller: 4 prompts per step in 2 mini-batches of 2 prompts x 4 leaves (8 rows,
+# one micro-batch), a 2-layer model, no warm start (the stand-in reward gives real advantages).
+RUN = {
+    "rollout.initial_rollouts": 2,
+    "rollout.expansion_iterations": 1,
+    "rollout.beam_size": 2,
+    "rollout.samples_per_tree": 4,
+    "rollout.max_response_len": 64,
+    "rollout.num_slots": 16,
+    "rollout.trace_every": 1,
+    "train.steps": 2,
+    "train.prompts_per_step": 4,
+    "train.mini_batch_prompts": 2,
+    "train.micro_batch_rows": 8,
+    "sft.steps": 0,
+    "eval.max_questions": 4,
+    "eval.batch_prompts": 4,
+    "checkpoint.every": 1,
+    "logging.tensorboard": False,
+    "logging.plot": False,
+    "model.random.hidden_size": 64,
+    "model.random.intermediate_size": 128,
+    "model.random.num_layers": 2,
+    "mesh.data": 1,
+    "mesh.fsdp": -1,
+    "mesh.tensor": 1,
+}
+CONFIG_FILE = REPO_ROOT / "configs" / "search_qa.py"
+# Differ by design between a run and its multi-process or sharded twin.
+NOT_COMPARED = ("time", "rollout/generate_calls")
+
+
+def launch(workdir, log, *, devices: int = 1, overrides=(), flags=()) -> subprocess.Popen:
+    """Starts ``python -m tests.train.launch_with_test_reward`` on the tiny config + ``RUN``,
+    its output going to the file ``log``."""
+    args = [f"--config={CONFIG_FILE}:tiny", f"--workdir={workdir}", *flags]
+    args += [f"--config.{k}={v}" for k, v in {**RUN, **dict(overrides)}.items()]
+    log = open(log, "w")  # noqa: SIM115 - the child holds it
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.train.launch_with_test_reward", *args],
+        cwd=REPO_ROOT,
+        env=subprocess_env(devices, {"TF_CPP_MIN_LOG_LEVEL": "2"}),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+        with open(logs[name]) as f:
+            log = f.read()
+        assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{log[-6000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def comparable(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in record.items()
+        if not k.startswith(("time/", "throughput/")) and k not in NOT_COMPARED
+    }
+
+
+def assert_same_metrics(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    got, want = comparable(got), comparable(want)
+    assert sorted(got) == sorted(want), what
+    for key in want:
+        np.testing.assert_allclose(
+            got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=f"{what}: {key}"
+        )
+
+
+def load_safetensors(directory) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_trainer_on_fsdp8_and_in_two_processes_matches_one_device(tmp_path):
+    workdirs = {name: tmp_path / name for name in ("one", "fsdp8", "two")}
+    logs = {name: tmp_path / f"{name}.log" for name in ("one", "fsdp8", "two0", "two1")}
+    port = free_port()
+    procs = {
+        "one": launch(workdirs["one"], logs["one"]),
+        "fsdp8": launch(workdirs["fsdp8"], logs["fsdp8"], devices=8, overrides={"train.steps": 1}),
+    }
+    for rank in range(2):
+        procs[f"two{rank}"] = launch(
+            workdirs["two"],
+            logs[f"two{rank}"],
+            flags=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={rank}"],
+        )  # fmt: skip
+    wait_all(procs, logs, timeout=600)
+
+    one = read_metrics(workdirs["one"] / "metrics.jsonl")
+    two = read_metrics(workdirs["two"] / "metrics.jsonl", merge_steps=False)
+    fsdp8 = read_metrics(workdirs["fsdp8"] / "metrics.jsonl")
+    # One writer in the two-process run: each record exactly once (eval 0, step 1, 2, eval 2).
+    assert [r["step"] for r in two] == [r["step"] for r in read_metrics(
+        workdirs["one"] / "metrics.jsonl", merge_steps=False)]  # fmt: skip
+    two = read_metrics(workdirs["two"] / "metrics.jsonl")
+    by_step = {r["step"]: r for r in one}
+    assert sorted(by_step) == [0, 1, 2]
+    # A real learning signal: varied rewards, non-zero advantages and loss, both steps.
+    for step in (1, 2):
+        assert by_step[step]["reward/std"] > 0.1
+        assert by_step[step]["advantage/std"] > 0.1
+        assert abs(by_step[step]["update/pg_loss"]) > 1e-6
+        assert by_step[step]["update/grad_norm"] > 1e-3
+        assert by_step[step]["trained_tokens"] > 100
+    for record in two:
+        assert_same_metrics(
+            record, by_step[record["step"]], f"two processes, step {record['step']}"
+        )
+    # The fsdp=8 run stops after step 1; its final evaluation lands in step 1's record.
+    assert [r["step"] for r in fsdp8] == [0, 1]
+    assert_same_metrics(fsdp8[0], by_step[0], "fsdp=8, step 0")
+    step1 = {k: v for k, v in fsdp8[1].items() if not k.startswith("eval/")}
+    assert_same_metrics(step1, by_step[1], "fsdp=8, step 1")
+
+    # Only process 0 wrote evaluation results, traces and the export; all wrote checkpoints.
+    two_dir = workdirs["two"]
+    assert sorted(p.name for p in two_dir.glob("eval_*.json")) == [
+        "eval_000000.json", "eval_000002.json"]  # fmt: skip
+    assert (two_dir / "traces" / "trace_000002.jsonl").exists()
+    assert sorted(p.name for p in (two_dir / "checkpoints").iterdir()) == ["0", "1", "2"]
+    with open(logs["two1"]) as f:
+        log1 = f.read()
+    assert "process 1 of 2: 1 local / 2 global devices" in log1
+    final_one, final_two = load_safetensors(workdirs["one"] / "hf_export"), load_safetensors(
+        two_dir / "hf_export")  # fmt: skip
+    assert sorted(final_one) == sorted(final_two)
+    for name in final_one:
+        np.testing.assert_allclose(final_two[name], final_one[name], atol=1e-4, err_msg=name)
+
+    # The fsdp=8 checkpoint restores onto data=2,tensor=4 and onto one device, bit for bit.
+    restored = run_python(
+        f"""
+        import importlib.util, jax, numpy as np
+        from jax.sharding import SingleDeviceSharding
+        from flax import nnx
+        from atpo_jax import models
+        from atpo_jax.train.trainer import Trainer
+
+        spec = importlib.util.spec_from_file_location("cfg", {str(CONFIG_FILE)!r})
+        module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+        config = module.get_config("tiny")
+        config.update_from_flattened_dict({{**{RUN!r}, "train.steps": 1, "mesh.data": 2,
+                                            "mesh.fsdp": 1, "mesh.tensor": 4}})
+        workdir = {str(workdirs["fsdp8"])!r}
+        trainer = Trainer(config, workdir)
+        trainer.restore(1)
+        one_device = SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device)
+            if isinstance(x, jax.Array) else x, trainer.state_dict())
+        single = trainer.checkpointer.restore(1, target=target)
+        exported = nnx.state(models.from_pretrained(workdir + "/hf_export"))
+        leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+        same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+        emb = trainer.params["embed_tokens"]["embedding"][...]
+        emit({{
+            "mesh": dict(trainer.mesh.shape),
+            "step": trainer.step,
+            "embed_spec": [a for a in emb.sharding.spec],
+            "embed_shard": list(emb.addressable_shards[0].data.shape),
+            "embed_shape": list(emb.shape),
+            "mesh_equals_export": same(trainer.params, exported),
+            "single_equals_export": same(single["params"], exported),
+            "opt_state_equal": same(trainer.opt_state, single["opt_state"]),
+            "single_devices": sorted({{d.id for x in jax.tree.leaves(single["params"])
+                                      for d in x.devices()}}),
+        }})
+        """,
+        timeout=300,
+    )
+    assert restored["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert restored["step"] == 1
+    assert restored["embed_spec"] == ["tensor", "fsdp"]
+    vocab, hidden = restored["embed_shape"]
+    assert restored["embed_shard"] == [vocab // 4, hidden]
+    assert restored["mesh_equals_export"]
+    assert restored["single_equals_export"]
+    assert restored["opt_state_equal"]
+    assert restored["single_devices"] == [0]
