@@ -34,6 +34,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from atpo_jax.cli import parse_flags
 from atpo_jax.train import components, evaluation
 from atpo_jax.train.components import ConfigError
 
@@ -191,4 +192,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -20,6 +20,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from atpo_jax.cli import parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/search_qa.py", "Path to an ml_collections config file[:variant]."
 )
@@ -85,4 +87,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

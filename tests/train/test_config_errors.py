@@ -165,8 +165,9 @@ def test_unreachable_retriever(world_dir, tmp_path):
             {"tools.retriever_url": "http://127.0.0.1:9/retrieve", "tools.retries": 1},
             "tools.retriever_url=",
         ),
+        ("tiny", {"rollout.beam": 4}, "--config.rollout.beam names no setting"),
     ],
-    ids=["invalid-value", "missing-model-path", "unreachable-retriever"],
+    ids=["invalid-value", "missing-model-path", "unreachable-retriever", "unknown-setting"],
 )
 def test_launcher_exits_2_with_one_message(
     variant, overrides, message, world_dir, child_env, tmp_path
