@@ -11,8 +11,9 @@
 * a Hugging Face checkpoint directory (it has ``config.json``, e.g. ``<run>/hf_export``): it
   replaces ``model.path``.
 
-Everything else (data, tokenizer, retriever, ``eval.*``) comes from the config, so pass the same
-``--config`` overrides as the training run. Evaluation is the trainer's: greedy decoding, one chain
+Everything else (data, tokenizer, retriever, ``eval.*``, the device mesh ``mesh.*``) comes from
+the config, so pass the same ``--config`` overrides as the training run. It runs as one process
+over that process's devices. Evaluation is the trainer's: greedy decoding, one chain
 per question, the reward's format check skipped (``atpo_jax.train.evaluation``), so a run's own
 ``eval_<K>.json`` is reproduced exactly. The markdown table is printed and the results are saved
 as ``<OUT>/evaluation_step_<K>.json`` (orbax) or ``<OUT>/evaluation_<directory name>.json`` (Hugging
@@ -86,6 +87,22 @@ def _checkpoint_step(directory: str, step: int | None) -> int:
     return step
 
 
+def place_on_mesh(config: ml_collections.ConfigDict, model: Any) -> Any:
+    """Shards ``model``'s parameters over the ``config.mesh`` mesh of this process's devices (as
+    the trainer does), so a model too large for one device is evaluated too; returns the mesh."""
+    from flax import nnx
+
+    from atpo_jax.train import sharding
+
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    params = nnx.state(model)
+    nnx.update(model, sharding.place(params, sharding.param_shardings(mesh, params)))
+    return mesh
+
+
 def restore_params(model: Any, directory: str, step: int) -> None:
     """Reads the ``params`` item of orbax checkpoint ``step`` into ``model`` (in place)."""
     from flax import nnx
@@ -149,9 +166,10 @@ def evaluate_checkpoint(
         raise ConfigError("no evaluation questions: check eval.split / data.eval_files")
     toolbox = components.connect_tools(config, data.corpus)
     model = components.build_policy(config, data.tokenizer)
+    mesh = place_on_mesh(config, model)
     if not hf:
-        restore_params(model, checkpoint, step)
-    search = components.build_eval_search(config, model, data.tokenizer, toolbox)
+        restore_params(model, checkpoint, step)  # read straight into the placed shardings
+    search = components.build_eval_search(config, model, data.tokenizer, toolbox, mesh=mesh)
     results = evaluation.evaluate(
         search,
         data.tokenizer,

@@ -11,6 +11,7 @@ import pytest
 from atpo_jax import evaluate
 from atpo_jax.train.components import ConfigError
 from tests.train import runs
+from tests.train.multidevice import run_python
 
 _ADDED = ("checkpoint", "step", "eval_split")
 
@@ -109,3 +110,26 @@ def test_evaluate_cli_exits_2(world_dir, child_env, tmp_path):
     assert (
         last.startswith("configuration error: --checkpoint=") and "no complete checkpoint" in last
     )
+
+
+def test_evaluate_on_an_8_device_mesh(trained_run, run_overrides, child_env, tmp_path):
+    # The parameters sharded fsdp=8 (read from the checkpoint straight into their shards) and the
+    # engine's KV cache over the mesh: the same greedy answers as the one-device trainer.
+    out = run_python(
+        f"""
+        from atpo_jax.evaluate import evaluate_checkpoint
+        from tests.train.runs import load_config
+
+        config = load_config("tiny", {{**{run_overrides!r}, "mesh.fsdp": -1}})
+        results, _ = evaluate_checkpoint(
+            config, {trained_run + "/checkpoints"!r}, step=4, workdir={str(tmp_path)!r}
+        )
+        import jax
+        emit({{"results": results, "devices": jax.device_count()}})
+        """,
+        devices=8,
+        timeout=240,
+        env={k: v for k, v in child_env.items() if k.startswith("JAX_")},  # the compile cache
+    )
+    assert out["devices"] == 8
+    assert _without_added(out["results"]) == _trainer_eval(trained_run, 4)
