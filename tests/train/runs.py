@@ -35,6 +35,7 @@ TINY: dict[str, Any] = {
     "eval.max_questions": 4,
     "eval.batch_prompts": 4,
     "checkpoint.every": 1,
+    "checkpoint.keep": 3,
     "logging.tensorboard": False,
     "logging.plot": False,
 }
