@@ -439,3 +439,45 @@ def test_trainer_on_fsdp8_and_in_two_processes_matches_one_device(tmp_path):
     assert restored["single_equals_export"]
     assert restored["opt_state_equal"]
     assert restored["single_devices"] == [0]
+
+
+# ----------------------------------------------------------------------------------------------
+# launch/ scripts (their commands, without a cluster)
+
+
+def script_output(script: str, args: list[str], env: dict[str, str]) -> str:
+    path = REPO_ROOT / "launch" / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    proc = subprocess.run(
+        ["bash", str(path), *args],
+        env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return proc.stdout
+
+
+def test_launch_scripts_run_the_same_command_on_every_process():
+    out = script_output(
+        "local_multiprocess.sh",
+        ["2", "4", "--", "--config=configs/search_qa.py", "--config.data.train_files=a b"],
+        {"PYTHON": sys.executable, "PORT": "4321"},
+    ).splitlines()
+    assert len(out) == 2
+    for rank, line in enumerate(out):
+        assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in line
+        assert f"--coordinator_address=127.0.0.1:4321 --num_processes=2 --process_id={rank}" in line
+        assert line.endswith(r"--config=configs/search_qa.py --config.data.train_files=a\ b ")
+    out = script_output(
+        "tpu_pod.sh", ["--config=configs/search_qa.py:qwen3_4b"], {"TPU_NAME": "t", "ZONE": "z"}
+    )
+    assert out.startswith("gcloud compute tpus tpu-vm ssh t --zone=z --worker=all --command=")
+    assert r"-m\ atpo_jax.launch\ --distributed=on\ --config=configs/search_qa.py:qwen3_4b" in out
+    assert "--config=configs/search_qa.py" in script_output(
+        "slurm_gpu.sbatch", ["--config=configs/search_qa.py"], {}
+    )
+    out = script_output("slurm_gpu.sbatch", ["--config=c"], {"PROCESS_PER": "node"})
+    assert out.startswith("srun --ntasks-per-node=1 --kill-on-bad-exit=1 python -m atpo_jax.launch")
+    assert r"--distributed=on --local_device_ids=0\,1\,2\,3\,4\,5\,6\,7 --config=c" in out
