@@ -149,6 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.batch_size = 32
     c.sft.learning_rate = 3e-3
     c.sft.warmup_steps = 10
+    c.sft.rename_copies = 0  # extra copies of each demonstration with its entities renamed
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 20  # steps; 0: only at the end

@@ -46,6 +46,7 @@ class Data:
     tokenizer: Any
     corpus: str | None
     demos: str | None
+    world: str | None = None  # the synthetic world's entities (for demonstration renaming)
 
 
 def dtype_of(name: str, setting: str) -> Any:
@@ -97,6 +98,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str, *, training: bool
             tokenizer=load_tokenizer(files.tokenizer),
             corpus=files.corpus,
             demos=files.demos,
+            world=files.world,
         )
     if source != "files":
         raise ConfigError(f"data.source={source!r} must be 'synthetic' or 'files'")

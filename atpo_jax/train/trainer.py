@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Any
@@ -35,6 +36,7 @@ from flax import nnx
 
 from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.synthetic import read_demos
+from atpo_jax.data.synthetic.augment import augmented_demos
 from atpo_jax.rewards.qa import compute_reward
 from atpo_jax.rollout.trace import tree_records, write_trace
 from atpo_jax.train import components, distributed, evaluation, flops, sharding
@@ -262,9 +264,14 @@ class Trainer:
                 raise components.ConfigError(
                     "sft.steps > 0 needs demonstrations (data.source=synthetic); set sft.steps=0"
                 )
+            demos = read_demos(self.data.demos)
+            if cfg.rename_copies:
+                with open(self.data.world) as f:
+                    names = [entity["name"] for entity in json.load(f)]
+                demos = augmented_demos(demos, names, cfg.rename_copies, self.config.seed)
             rows = encode_demonstrations(
                 self.tokenizer,
-                read_demos(self.data.demos),
+                demos,
                 self.config.rollout.max_prompt_len,
                 self.config.rollout.max_response_len,
             )

@@ -1,7 +1,7 @@
 """Templated 1-, 2- and 3-hop questions over a synthetic :class:`~.world.World`, and their splits.
 
-A question names one subject entity and asks for the end of a chain of relations, e.g. "In which country was
-the founder of Velmora born?" = Velmora -founded_by-> Dravon -born_in-> Kelmi -located_in-> Norvia. Answering
+A question names one subject entity and asks for the end of a chain of relations, e.g. "Which country is the
+birthplace of the founder of Velmora?" = Velmora -founded_by-> Dravon -born_in-> Kelmi -located_in-> Norvia. Answering
 it takes one search per relation: search the subject, read the linked name, search that, and so on.
 
 Strictness: a question is kept only if its answer appears in no passage that mentions the subject or an
@@ -36,41 +36,47 @@ class Template:
         return re.compile(re.escape(head) + r"(\w+)" + re.escape(tail) + r"$")
 
 
+# Every template ends with the subject name, right before "?": the name then sits at the same
+# distance from the start of the answer for every question, so a tiny model with relative (rotary)
+# positions learns to copy it into its first search within a short warm start.
 TEMPLATES: tuple[Template, ...] = (
-    Template("person_city", "person", ("born_in",), "In which city was {} born?"),
-    Template("city_country", "city", ("located_in",), "In which country is {}?"),
-    Template("company_founder", "company", ("founded_by",), "Who founded {}?"),
-    Template("company_city", "company", ("based_in",), "In which city is {} based?"),
+    Template("person_city", "person", ("born_in",), "Which city is the birthplace of {}?"),
+    Template("city_country", "city", ("located_in",), "Which country is home to {}?"),
+    Template("company_founder", "company", ("founded_by",), "Who is the founder of {}?"),
+    Template("company_city", "company", ("based_in",), "Which city is the base of {}?"),
     Template("country_capital", "country", ("capital",), "What is the capital of {}?"),
     Template(
-        "person_country", "person", ("born_in", "located_in"), "In which country was {} born?"
+        "person_country",
+        "person",
+        ("born_in", "located_in"),
+        "Which country is the birthplace of {}?",
     ),
     Template(
         "founder_city",
         "company",
         ("founded_by", "born_in"),
-        "In which city was the founder of {} born?",
+        "Which city is the birthplace of the founder of {}?",
     ),
     Template(
-        "company_country", "company", ("based_in", "located_in"), "In which country is {} based?"
+        "company_country", "company", ("based_in", "located_in"), "Which country is the base of {}?"
     ),
     Template(
         "person_capital",
         "person",
         ("born_in", "located_in", "capital"),
-        "What is the capital of the country where {} was born?",
+        "What is the capital of the birth country of {}?",
     ),
     Template(
         "founder_country",
         "company",
         ("founded_by", "born_in", "located_in"),
-        "In which country was the founder of {} born?",
+        "Which country is the birthplace of the founder of {}?",
     ),
     Template(
         "company_capital",
         "company",
         ("based_in", "located_in", "capital"),
-        "What is the capital of the country where {} is based?",
+        "What is the capital of the base country of {}?",
     ),
 )
 TEMPLATES_BY_KEY = {t.key: t for t in TEMPLATES}
