@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_people = 160
     c.data.synthetic.num_companies = 120
     c.data.synthetic.demo_mistake_rate = 0.3
+    c.data.synthetic.demo_shortcut_rate = 0.0  # 3-hop demonstrations that stop one hop early
     c.data.train_files = ""  # comma-separated, for source=files
     c.data.eval_files = ""
     c.data.tokenizer_path = ""  # default: the model path (files) or the synthetic tokenizer

@@ -86,6 +86,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str, *, training: bool
                 num_people=world.num_people,
                 num_companies=world.num_companies,
                 demo_mistake_rate=world.demo_mistake_rate,
+                demo_shortcut_rate=world.demo_shortcut_rate,
                 topk=config.tools.topk,
             ),
         )
@@ -443,9 +444,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "rollout.mode='chain' has no tree to assign credit on: set credit.mode='grpo'"
         )
-    if t.steps < 1 or t.ppo_epochs < 1:
+    if t.steps < 0 or t.ppo_epochs < 1:
         raise ConfigError(
-            f"train.steps and train.ppo_epochs must be >= 1, got {t.steps}, {t.ppo_epochs}"
+            f"train.steps must be >= 0 (0: warm start and evaluation only) and train.ppo_epochs "
+            f">= 1, got {t.steps}, {t.ppo_epochs}"
         )
     if config.variant == "qwen3_4b":
         missing = [k for k in ("model.path", "data.train_files") if not _lookup(config, k)]

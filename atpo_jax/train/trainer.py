@@ -457,26 +457,27 @@ class Trainer:
         """Trains for ``train.steps`` steps (continuing from the latest checkpoint with ``resume``)."""
         cfg = self.config
         latest = self.checkpointer.latest_step() if resume else None
+        last_eval: dict[str, Any] = {}
+        evaluated_at = None
         if latest is None:
             self.warm_start()
-            self.evaluate(0)
+            last_eval, evaluated_at = self.evaluate(0), 0
         else:
             self.restore(latest)
         shutdown = install_sigterm_handler(self._save_now)
         progress = ProgressBar(
             cfg.train.steps, initial=self.step, postfix_keys=("reward/mean", "em")
         )
-        last_eval: dict[str, Any] = {}
         try:
             for step in range(self.step + 1, cfg.train.steps + 1):
                 metrics = self.train_step(step)
                 self.writer.write(step, metrics)
                 progress.update(metrics)
                 if cfg.eval.every and step % cfg.eval.every == 0:
-                    last_eval = self.evaluate(step)
+                    last_eval, evaluated_at = self.evaluate(step), step
                 self.checkpointer.save(step, self.state_dict())
                 shutdown.check()
-            if not (cfg.eval.every and self.step % cfg.eval.every == 0):
+            if evaluated_at != self.step:
                 last_eval = self.evaluate(self.step)
             self.checkpointer.save(self.step, self.state_dict(), force=True)
             self.checkpointer.wait()

@@ -69,6 +69,11 @@ class SyntheticWorldConfig:
       topk: passages per search when recording demonstrations (use the same in the rollout).
       demo_mistake_rate: share of demonstrations with one scripted mistake.
       demo_mistake_weights: relative frequency of ``wrong_search``, ``early_answer``, ``wrong_answer``.
+      demo_shortcut_rate: share of the demonstrations of questions with ``demo_shortcut_hops`` or
+        more hops that answer one hop early (the last intermediate name): a *systematic* habit,
+        unlike the random mistakes above. Above 0.5 a policy that imitates the demonstrations
+        prefers the shortcut, and only reward can teach it to finish the chain.
+      demo_shortcut_hops: the shortest questions the shortcut applies to.
     """
 
     seed: int = 0
@@ -82,6 +87,8 @@ class SyntheticWorldConfig:
     topk: int = 3
     demo_mistake_rate: float = 0.3
     demo_mistake_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    demo_shortcut_rate: float = 0.0
+    demo_shortcut_hops: int = 3
 
     def __post_init__(self) -> None:
         if self.prompt_style not in PROMPT_STYLES:
@@ -274,6 +281,8 @@ def build_synthetic_world(
             rng,
             mistake_rate=config.demo_mistake_rate,
             mistake_weights=config.demo_mistake_weights,
+            shortcut_rate=config.demo_shortcut_rate,
+            shortcut_hops=config.demo_shortcut_hops,
             wrong_names=world.names,
             prompt_style=config.prompt_style,
         )

@@ -29,11 +29,19 @@ def make_demonstrations(
     mistake_rate: float,
     mistake_weights: Sequence[float],
     wrong_names: Sequence[str],
+    shortcut_rate: float = 0.0,
+    shortcut_hops: int = 3,
     prompt_style: str,
 ) -> list[dict[str, Any]]:
-    """One demonstration record per question (see the module docstring)."""
-    if not 0 <= mistake_rate <= 1:
-        raise ValueError(f"demo mistake_rate must be in [0, 1], got {mistake_rate}")
+    """One demonstration record per question (see the module docstring).
+
+    With probability ``shortcut_rate`` a question of ``shortcut_hops`` or more hops gets the
+    systematic shortcut (answer the last intermediate name, one hop early) instead of a random
+    mistake draw.
+    """
+    for name, rate in (("mistake_rate", mistake_rate), ("shortcut_rate", shortcut_rate)):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"demo {name} must be in [0, 1], got {rate}")
     if len(mistake_weights) != len(MISTAKE_KINDS) or min(mistake_weights) < 0:
         raise ValueError(
             f"demo mistake_weights needs {len(MISTAKE_KINDS)} non-negative weights for "
@@ -42,7 +50,9 @@ def make_demonstrations(
     demos = []
     for index, question in enumerate(questions):
         mistake, hop = None, 0
-        if rng.random() < mistake_rate:
+        if question.hops >= shortcut_hops and rng.random() < shortcut_rate:
+            mistake, hop = "early_answer", question.hops - 1
+        elif rng.random() < mistake_rate:
             mistake = rng.choices(MISTAKE_KINDS, weights=mistake_weights)[0]
             hop = rng.randrange(question.hops)
         agent = ExpertAgent(
