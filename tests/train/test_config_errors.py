@@ -22,7 +22,8 @@ from tests.train import runs
         ({"loss.old_log_probs": "cached"}, "loss.old_log_probs='cached'"),
         ({"train.mini_batch_prompts": 3}, "train.mini_batch_prompts=3 must divide"),
         ({"train.micro_batch_rows": 5}, "train.micro_batch_rows=5 must divide"),
-        ({"train.steps": 0}, "train.steps and train.ppo_epochs must be >= 1"),
+        ({"train.steps": -1}, "train.steps must be >= 0"),
+            ({"train.ppo_epochs": 0}, "train.ppo_epochs >= 1"),
     ],
 )
 def test_invalid_values_name_the_setting(overrides, message, tmp_path):
