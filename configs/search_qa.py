@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
     c.model.param_dtype = "float32"
     c.model.remat = False
+    c.model.attention_impl = "xla"  # xla | cudnn (flash attention for training/scoring, GPU only)
     c.model.random = ml_collections.ConfigDict()  # used when model.path is empty
     c.model.random.model_type = "qwen3"
     c.model.random.hidden_size = 128

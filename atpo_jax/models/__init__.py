@@ -12,12 +12,13 @@ The KV-cache API (``KVCache``, ``init_cache``, ``forward_with_cache``, ``fork_sl
 
 from atpo_jax.models.cache import KVCache, fork_slots, forward_with_cache, init_cache, reset_slots
 from atpo_jax.models.checkpoint import CheckpointError, from_pretrained, save_pretrained
-from atpo_jax.models.config import ConfigError, ModelConfig, RopeScaling
+from atpo_jax.models.config import ATTENTION_IMPLS, ConfigError, ModelConfig, RopeScaling
 from atpo_jax.models.log_probs import log_probs_from_hidden, token_log_probs
 from atpo_jax.models.model import CausalLM, positions_from_mask
 from atpo_jax.models.tokenizer import load_tokenizer
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "CausalLM",
     "CheckpointError",
     "ConfigError",

@@ -12,6 +12,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -143,6 +144,21 @@ def _read_rows(path: str, setting: str) -> list[QARow]:
         raise ConfigError(f"{setting}: {e}; fix or replace the file") from e
 
 
+def attention_impl(config: ml_collections.ConfigDict) -> str:
+    """``model.attention_impl``: ``xla`` (anywhere) or ``cudnn`` (flash attention, GPU only)."""
+    impl = config.model.attention_impl
+    if impl not in models.ATTENTION_IMPLS:
+        raise ConfigError(
+            f"model.attention_impl={impl!r} is not one of {', '.join(models.ATTENTION_IMPLS)}"
+        )
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(
+            f"model.attention_impl='cudnn' needs a CUDA GPU but JAX runs on "
+            f"{jax.default_backend()!r}; use model.attention_impl=xla"
+        )
+    return impl
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.CausalLM:
     """The policy: a Hugging Face checkpoint (``model.path``) or a random model (``model.random``)."""
     dtype = dtype_of(config.model.dtype, "model.dtype")
@@ -154,7 +170,11 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.Ca
                 f"model.path={path!r} has no config.json: is it a Hugging Face checkpoint?"
             )
         return models.from_pretrained(
-            path, dtype, param_dtype=param_dtype, remat=config.model.remat
+            path,
+            dtype,
+            param_dtype=param_dtype,
+            remat=config.model.remat,
+            attention_impl=attention_impl(config),
         )
     r = config.model.random
     model_config = models.ModelConfig(
@@ -172,6 +192,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.Ca
         dtype=dtype,
         param_dtype=param_dtype,
         remat=config.model.remat,
+        attention_impl=attention_impl(config),
     )
     return models.CausalLM(model_config, rngs=nnx.Rngs(config.seed))
 
@@ -418,6 +439,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"expansion_iterations x beam_size = {r.initial_rollouts} + {r.expansion_iterations} x "
             f"{r.beam_size} = {grown} leaves; make them equal (the reference asserts this too)"
         )
+    attention_impl(config)
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(
             f"train.mini_batch_prompts={t.mini_batch_prompts} must divide train.prompts_per_step="

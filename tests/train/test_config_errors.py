@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import pytest
 
 from atpo_jax.data import read_rows, write_rows
@@ -23,7 +24,8 @@ from tests.train import runs
         ({"train.mini_batch_prompts": 3}, "train.mini_batch_prompts=3 must divide"),
         ({"train.micro_batch_rows": 5}, "train.micro_batch_rows=5 must divide"),
         ({"train.steps": -1}, "train.steps must be >= 0"),
-            ({"train.ppo_epochs": 0}, "train.ppo_epochs >= 1"),
+        ({"train.ppo_epochs": 0}, "train.ppo_epochs >= 1"),
+        ({"model.attention_impl": "flash"}, "model.attention_impl='flash' is not one of"),
     ],
 )
 def test_invalid_values_name_the_setting(overrides, message, tmp_path):
@@ -34,6 +36,15 @@ def test_invalid_values_name_the_setting(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         Trainer(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "synthetic").exists()
+
+
+def test_cudnn_attention_needs_a_gpu():
+    config = runs.load_config("tiny", {"model.attention_impl": "cudnn"})
+    if jax.default_backend() == "gpu":
+        components.validate(config)  # accepted where the kernel exists
+    else:
+        with pytest.raises(ConfigError, match="model.attention_impl='cudnn' needs a CUDA GPU"):
+            components.validate(config)
 
 
 def test_qwen3_4b_needs_model_data_and_retriever(tmp_path):
