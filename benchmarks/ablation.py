@@ -7,7 +7,8 @@ Variants (equal leaves per prompt, same warm start per seed):
   gspo_loss        sequence-level ratio                          (no turn-level objective)
   grpo_chain       independent chains + GRPO advantage + token PPO loss (the GRPO baseline)
 
-For every seed the warm start (SFT) runs once; each variant then trains from that checkpoint in its
+For every seed the warm start (SFT) runs once (or is taken from step 0 of a finished
+``benchmarks/default_run.py`` run in the same ``--workdir``, which is also the ``atpo`` run); each variant then trains from that checkpoint in its
 own work directory, and the script prints mean ± std of the final held-out EM and the first step at
 which held-out EM reaches ``--threshold`` (evaluated every ``--eval-every`` steps).
 
@@ -74,8 +75,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "ablation"))
@@ -94,6 +95,11 @@ def main() -> None:
     reach: dict[str, list[float]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         base = os.path.join(args.workdir, f"seed{seed}_warm")
+        atpo_run = os.path.join(args.workdir, f"seed{seed}_atpo")
+        if not os.path.exists(os.path.join(base, "checkpoints", "0")) and os.path.exists(
+            os.path.join(atpo_run, "checkpoints", "0")
+        ):
+            base = atpo_run  # a finished default run (benchmarks/default_run.py): its step 0
         seed_args = [f"--config.seed={seed}", *common]
         if not os.path.exists(os.path.join(base, "checkpoints", "0")):
             start = time.perf_counter()

@@ -224,7 +224,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.every = 20
     c.eval.batch_prompts = 120
     c.checkpoint.every = 20
-    c.mesh.data = 1
+    # mesh: the base default (data=-1): one device here, plain data parallelism on a GPU node.
     return c
 
 
@@ -236,6 +236,8 @@ def qwen3_4b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
     c.model.remat = True
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # ZeRO-3 over every device: a 4B policy + AdamW does not fit replicated
     c.train.steps = 5 * 100  # the paper trains 5 epochs; set to your dataset size / 64
     c.eval.every = 20
     c.eval.batch_prompts = 512

@@ -99,7 +99,10 @@ def resolve_mesh_shape(config: Any, num_devices: int, prefix: str = "mesh") -> t
     settings = ", ".join(f"{prefix}.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"{settings}: at most one mesh axis may be -1")
+        raise ValueError(
+            f"{settings}: at most one mesh axis may be -1 (the rest); give the others sizes, "
+            f"e.g. {prefix}.data=1 with {prefix}.fsdp=-1"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if free:
         if num_devices % known:

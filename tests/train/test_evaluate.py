@@ -120,7 +120,7 @@ def test_evaluate_on_an_8_device_mesh(trained_run, run_overrides, child_env, tmp
         from atpo_jax.evaluate import evaluate_checkpoint
         from tests.train.runs import load_config
 
-        config = load_config("tiny", {{**{run_overrides!r}, "mesh.fsdp": -1}})
+        config = load_config("tiny", {{**{run_overrides!r}, "mesh.data": 1, "mesh.fsdp": -1}})
         results, _ = evaluate_checkpoint(
             config, {trained_run + "/checkpoints"!r}, step=4, workdir={str(tmp_path)!r}
         )

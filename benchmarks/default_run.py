@@ -1,0 +1,134 @@
+"""The README's default run, three seeds: wall time, warm-start EM, EM after RL, and a plot.
+
+Runs ``python -m atpo_jax.launch --config=configs/search_qa.py --config.seed=S`` for each seed (the
+embedded default: synthetic world, tiny Llama, supervised warm start, AT²PO), times it, and reads the
+held-out evaluations from ``metrics.jsonl``: step 0 is the warm-started policy, the last step the policy
+after RL. Prints a markdown table and writes ``--plot`` (held-out EM per seed and per hop count, and the
+training reward).
+
+Run: ``python benchmarks/default_run.py [--seeds 0 1 2] [--plot docs/images/default_run.png]``.
+Each run keeps every checkpoint (``checkpoint.keep``) in ``<workdir>/seed<S>_atpo`` so that
+``benchmarks/ablation.py`` with the same ``--workdir`` reuses it as its ``atpo`` run and its step-0
+checkpoint as the seed's warm start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ablation import ROOT, launch  # noqa: E402
+
+HOPS = ("synthetic_1hop", "synthetic_2hop", "synthetic_3hop")
+
+
+def read_metrics(workdir: str) -> tuple[dict[int, dict], list[tuple[int, float]]]:
+    """Evaluations by step, and (step, mean training reward) pairs."""
+    evals, rewards = {}, []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "eval/em" in record:
+                evals[int(record["step"])] = record
+            elif "reward/mean" in record:
+                rewards.append((int(record["step"]), float(record["reward/mean"])))
+    return evals, rewards
+
+
+def run_seed(workdir: str, seed: int) -> float:
+    """Runs the default config for ``seed`` unless already done; returns its wall seconds."""
+    done = os.path.join(workdir, "done")
+    if os.path.exists(done):
+        with open(done) as f:
+            return float(json.load(f)["seconds"])
+    shutil.rmtree(workdir, ignore_errors=True)
+    flags = [f"--config.seed={seed}", "--config.checkpoint.keep=1000"]
+    start = time.perf_counter()
+    launch(workdir, flags, resume=False)
+    seconds = time.perf_counter() - start
+    with open(done, "w") as f:
+        json.dump({"seconds": seconds, "flags": flags}, f)
+    return seconds
+
+
+def plot(runs: dict[int, tuple[dict[int, dict], list[tuple[int, float]]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for seed, (evals, rewards) in runs.items():
+        steps = sorted(evals)
+        axes[0].plot(
+            steps, [100 * evals[s]["eval/em"] for s in steps], marker="o", label=f"seed {seed}"
+        )
+        for hop, style in zip(HOPS, ("-", "--", ":"), strict=True):
+            key = f"eval/em/{hop}"
+            axes[1].plot(
+                steps,
+                [100 * evals[s].get(key, np.nan) for s in steps],
+                style,
+                color=f"C{seed % 10}",
+                label=f"seed {seed}, {hop.split('_')[1]}",
+            )
+        r_steps, r = zip(*rewards, strict=True)
+        window = 10
+        smooth = np.convolve(r, np.ones(window) / window, mode="valid")
+        axes[2].plot(r_steps[window - 1 :], smooth, label=f"seed {seed}")
+    axes[0].set(
+        title="held-out EM (all questions)", xlabel="RL step (0 = warm start)", ylabel="EM %"
+    )
+    axes[1].set(title="held-out EM by number of searches needed", xlabel="RL step", ylabel="EM %")
+    axes[2].set(title="training reward (EM), 10-step mean", xlabel="RL step", ylabel="reward")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "ablation"))
+    parser.add_argument("--plot", default=os.path.join(ROOT, "runs", "default_run.png"))
+    args = parser.parse_args()
+    runs, rows = {}, []
+    for seed in args.seeds:
+        workdir = os.path.join(args.workdir, f"seed{seed}_atpo")
+        seconds = run_seed(workdir, seed)
+        evals, rewards = read_metrics(workdir)
+        runs[seed] = (evals, rewards)
+        first, last = evals[min(evals)], evals[max(evals)]
+        rows.append((seed, seconds, first, last, max(evals)))
+        print(f"seed {seed}: {seconds / 60:.1f} min", flush=True)
+    print("\n| seed | wall time | warm-start EM | EM after RL (step) | gain | 3-hop EM warm → RL |")
+    print("|---|---|---|---|---|---|")
+    gains = []
+    for seed, seconds, first, last, step in rows:
+        gain = 100 * (last["eval/em"] - first["eval/em"])
+        gains.append(gain)
+        hop3 = "eval/em/synthetic_3hop"
+        print(
+            f"| {seed} | {seconds / 60:.1f} min | {100 * first['eval/em']:.1f} | "
+            f"{100 * last['eval/em']:.1f} ({step}) | {gain:+.1f} | "
+            f"{100 * first.get(hop3, np.nan):.1f} → {100 * last.get(hop3, np.nan):.1f} |"
+        )
+    print(f"\nmean gain {np.mean(gains):+.1f} ± {np.std(gains):.1f} points")
+    plot(runs, args.plot)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
