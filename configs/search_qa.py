@@ -143,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.mini_batch_prompts = 8
     c.train.ppo_epochs = 1
     c.train.micro_batch_rows = 22
-    c.train.log_every = 1
+    c.train.log_every = 1  # a progress line every k steps when stderr is not a terminal
 
     # Supervised warm start on demonstrations (synthetic data only).
     c.sft = ml_collections.ConfigDict()
@@ -219,6 +219,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.prompts_per_step = 16
     c.train.mini_batch_prompts = 16  # one on-policy update per step
     c.train.micro_batch_rows = 64
+    c.train.log_every = 10
     c.sft.steps = 1200
     c.sft.rename_copies = 3
     c.eval.every = 20

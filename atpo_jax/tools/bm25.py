@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -42,13 +43,14 @@ def import_bm25s() -> ModuleType:
             return sys.modules["bm25s"]
         if "jax" in sys.modules:
             import bm25s
-
-            return bm25s
-        sys.modules["jax"] = None  # type: ignore[assignment]  # makes `import jax...` raise ImportError
-        try:
-            import bm25s
-        finally:
-            del sys.modules["jax"]
+        else:
+            sys.modules["jax"] = None  # type: ignore[assignment]  # `import jax...` raises ImportError
+            try:
+                import bm25s
+            finally:
+                del sys.modules["jax"]
+        # bm25s sets its own logger to DEBUG, which absl's handler then prints on every index build.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         return bm25s
 
 

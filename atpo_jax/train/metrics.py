@@ -335,6 +335,7 @@ class ProgressBar:
         if enabled is None:
             enabled = _is_main_process() and sys.stderr.isatty()
         self.postfix_keys = tuple(postfix_keys)
+        self.enabled = bool(enabled)
         # Counted here: a disabled tqdm bar does not advance its own counter.
         self._n = int(initial)
         self._bar = tqdm(

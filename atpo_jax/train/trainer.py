@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -275,6 +276,11 @@ class Trainer:
                 self.config.rollout.max_prompt_len,
                 self.config.rollout.max_response_len,
             )
+            logger.info(
+                "warm start: %d supervised steps on %d demonstrations", cfg.steps, len(demos)
+            )
+            progress = ProgressBar(cfg.steps, desc="warm start", postfix_keys=())
+            started = time.perf_counter()
             with self.timer.phase("sft"):
                 losses = run_sft(
                     self.model,
@@ -284,7 +290,15 @@ class Trainer:
                     learning_rate=cfg.learning_rate,
                     warmup_steps=cfg.warmup_steps,
                     seed=self.config.seed,
+                    on_step=lambda step, loss: progress.update(),
                 )
+            progress.close()
+            logger.info(
+                "warm start done in %.0fs: loss %.3f -> %.3f",
+                time.perf_counter() - started,
+                losses[0],
+                losses[-1],
+            )
             self.graphdef, params = nnx.split(self.model)
             self.params = self._placed(params)
             self.opt_state = self._init_opt_state()
@@ -473,6 +487,16 @@ class Trainer:
                 metrics = self.train_step(step)
                 self.writer.write(step, metrics)
                 progress.update(metrics)
+                if not progress.enabled and step % max(cfg.train.log_every, 1) == 0:
+                    # Non-interactive runs (SLURM logs, pipes) get a line instead of the bar.
+                    logger.info(
+                        "step %d/%d: reward %.3f, em %.3f, tool calls/chain %.2f",
+                        step,
+                        cfg.train.steps,
+                        metrics.get("reward/mean", float("nan")),
+                        metrics.get("em", float("nan")),
+                        metrics.get("rollout/tool_calls_per_chain", float("nan")),
+                    )
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     last_eval, evaluated_at = self.evaluate(step), step
                 self.checkpointer.save(step, self.state_dict())
