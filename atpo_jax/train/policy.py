@@ -295,7 +295,7 @@ def make_update_fn(
         )
         init_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
         (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, init_metrics), micro)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, metrics
