@@ -471,6 +471,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"train.steps must be >= 0 (0: warm start and evaluation only) and train.ppo_epochs "
             f">= 1, got {t.steps}, {t.ppo_epochs}"
         )
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every={t.log_every} must be >= 1 (steps between log lines)")
     if config.variant == "qwen3_4b":
         missing = [k for k in ("model.path", "data.train_files") if not _lookup(config, k)]
         if not (config.tools.retriever_url or config.tools.corpus):

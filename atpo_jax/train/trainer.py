@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax
@@ -280,7 +279,6 @@ class Trainer:
                 "warm start: %d supervised steps on %d demonstrations", cfg.steps, len(demos)
             )
             progress = ProgressBar(cfg.steps, desc="warm start", postfix_keys=())
-            started = time.perf_counter()
             with self.timer.phase("sft"):
                 losses = run_sft(
                     self.model,
@@ -293,9 +291,10 @@ class Trainer:
                     on_step=lambda step, loss: progress.update(),
                 )
             progress.close()
+            sft_times = self.timer.pop()
             logger.info(
                 "warm start done in %.0fs: loss %.3f -> %.3f",
-                time.perf_counter() - started,
+                sft_times["time/sft_s"],
                 losses[0],
                 losses[-1],
             )
@@ -306,7 +305,7 @@ class Trainer:
                 self.ref_params = jax.tree.map(jnp.copy, self.params)
             self._sync_model()
             self.writer.write(
-                0, {"sft/loss_first": losses[0], "sft/loss_last": losses[-1], **self.timer.pop()}
+                0, {"sft/loss_first": losses[0], "sft/loss_last": losses[-1], **sft_times}
             )
         self.checkpointer.save(0, self.state_dict(), force=True)
 
@@ -487,7 +486,7 @@ class Trainer:
                 metrics = self.train_step(step)
                 self.writer.write(step, metrics)
                 progress.update(metrics)
-                if not progress.enabled and step % max(cfg.train.log_every, 1) == 0:
+                if not progress.enabled and step % cfg.train.log_every == 0:
                     # Non-interactive runs (SLURM logs, pipes) get a line instead of the bar.
                     logger.info(
                         "step %d/%d: reward %.3f, em %.3f, tool calls/chain %.2f",

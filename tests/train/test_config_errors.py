@@ -25,6 +25,7 @@ from tests.train import runs
         ({"train.micro_batch_rows": 5}, "train.micro_batch_rows=5 must divide"),
         ({"train.steps": -1}, "train.steps must be >= 0"),
         ({"train.ppo_epochs": 0}, "train.ppo_epochs >= 1"),
+        ({"train.log_every": 0}, "train.log_every=0 must be >= 1"),
         ({"model.attention_impl": "flash"}, "model.attention_impl='flash' is not one of"),
     ],
 )
