@@ -7,10 +7,18 @@
     models.save_pretrained(model, "/out/policy")
 
 The KV-cache API (``KVCache``, ``init_cache``, ``forward_with_cache``, ``fork_slots``,
-``reset_slots``) is what the rollout engine builds on; see ``docs/models.md``.
+``reset_slots``, ``gather_slots``, ``scatter_slots``) is what the rollout engine builds on; see ``docs/models.md``.
 """
 
-from atpo_jax.models.cache import KVCache, fork_slots, forward_with_cache, init_cache, reset_slots
+from atpo_jax.models.cache import (
+    KVCache,
+    fork_slots,
+    forward_with_cache,
+    gather_slots,
+    init_cache,
+    reset_slots,
+    scatter_slots,
+)
 from atpo_jax.models.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from atpo_jax.models.config import ATTENTION_IMPLS, ConfigError, ModelConfig, RopeScaling
 from atpo_jax.models.log_probs import log_probs_from_hidden, token_log_probs
@@ -28,11 +36,13 @@ __all__ = [
     "fork_slots",
     "forward_with_cache",
     "from_pretrained",
+    "gather_slots",
     "init_cache",
     "load_tokenizer",
     "log_probs_from_hidden",
     "positions_from_mask",
     "reset_slots",
     "save_pretrained",
+    "scatter_slots",
     "token_log_probs",
 ]

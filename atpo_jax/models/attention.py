@@ -9,7 +9,8 @@ over the group axis instead, which XLA:CPU runs about 2x slower forward+backward
 ``attention_impl="cudnn"`` routes the causal path through ``jax.nn.dot_product_attention``'s cuDNN
 flash kernel (padded-causal mask from the lengths, no mask tensor).
 
-Shapes: q [B, T, N, D], k and v [B, S, K, D] with N a multiple of K (G = N / K heads per group).
+Shapes: q [B, T, N, D]; k and v [B, S, K, D] (``causal_attention``) or the KV-cache layout, keys
+[B, K, D, S] and values [B, K, S, D] (``masked_attention``); N a multiple of K (G = N / K).
 """
 
 from __future__ import annotations
@@ -20,16 +21,23 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite, so a fully masked row gives a uniform (finite) softmax, not NaN
 
 
-def _grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention with a [B or 1, 1, G*T, S] bool mask over folded rows m = g * T + t."""
+def _grouped(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_layout: str = "bskd"
+) -> jax.Array:
+    """Attention with a [B or 1, 1, G*T, S] bool mask over folded rows m = g * T + t.
+
+    ``kv_layout``: ``"bskd"`` for keys and values [B, S, K, D] (the training path) or ``"cache"``
+    for the KV-cache layout, keys [B, K, D, S] (transposed) and values [B, K, S, D].
+    """
     b, t, n, d = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[2] if kv_layout == "bskd" else k.shape[1]
+    key_axes, value_axes = ("bskd", "bskd") if kv_layout == "bskd" else ("bkds", "bksd")
     g = n // kv_heads
     qf = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-    scores = jnp.einsum("bkmd,bskd->bkms", qf, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"bkmd,{key_axes}->bkms", qf, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores * (d**-0.5), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkms,bskd->bkmd", probs, v)
+    out = jnp.einsum(f"bkms,{value_axes}->bkmd", probs, v)
     return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
@@ -67,6 +75,7 @@ def causal_attention(
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of [B, T, N, D] queries to [B, S, K, D] keys under a [B, 1, T, S] bool mask."""
-    g = q.shape[2] // k.shape[2]
-    return _grouped(q, k, v, jnp.tile(mask, (1, 1, g, 1)))
+    """Attention of [B, T, N, D] queries to KV-cache-layout keys [B, K, D, S] (transposed) and
+    values [B, K, S, D] under a [B, 1, T, S] bool mask."""
+    g = q.shape[2] // k.shape[1]
+    return _grouped(q, k, v, jnp.tile(mask, (1, 1, g, 1)), kv_layout="cache")

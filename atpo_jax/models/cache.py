@@ -8,10 +8,23 @@ other pytree. Every operation is a pure function returning a new ``KVCache``:
   (prefill: a fresh slot and T prompt tokens; extend: more tokens, e.g. a tool result, without
   recomputing the prefix; decode: T = 1) and return their logits;
 - ``fork_slots``: copy the first n positions of one slot into another (a tree branch);
-- ``reset_slots``: empty slots.
+- ``reset_slots``: empty slots;
+- ``gather_slots`` / ``scatter_slots``: a batch-local copy of some slots for a decode loop, and
+  its write-back.
 
 Slot ``s`` stores its tokens at cache positions ``0 .. lengths[s]-1`` and the rotary position of a
 token equals its cache position, so there are no holes and no per-slot offsets to track.
+
+Layout, chosen for the decode step (where the cache is read once per generated token):
+
+- one array per layer, so a layer's update is in place and its read needs no slice of a stacked
+  [layers, ...] array (XLA:CPU copied such slices out before every attention matmul);
+- head-major, keys stored transposed: ``k[layer]`` is [slots, kv_heads, head_dim, max_len] and
+  ``v[layer]`` [slots, kv_heads, max_len, head_dim], so both attention matmuls (q @ K^T and
+  p @ V) read their right-hand operand in its natural row-major layout (XLA:CPU's q @ K^T with
+  [S, D] keys ran 3x slower);
+- a decode loop works on a batch-local pool (``gather_slots`` once per call, ``scatter_slots``
+  after it), so its steps read their keys without gathering the slots from the pool.
 """
 
 from __future__ import annotations
@@ -32,35 +45,41 @@ class KVCache:
     """A pool of per-slot key/value caches.
 
     Attributes:
-      k: [layers, slots, max_len, kv_heads, head_dim] keys (after RoPE and, for Qwen3, k-norm).
-      v: [layers, slots, max_len, kv_heads, head_dim] values.
+      k: per layer, [slots, kv_heads, head_dim, max_len] keys, transposed (after RoPE and, for
+        Qwen3, the k-norm).
+      v: per layer, [slots, kv_heads, max_len, head_dim] values.
       lengths: [slots] int32, number of valid positions per slot; entries past it are stale and
         never attended to.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     lengths: jax.Array
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[1]
+        return self.lengths.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v[0].shape[2]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
 
 
 def init_cache(config: ModelConfig, num_slots: int, max_len: int, dtype: Any = None) -> KVCache:
-    """An empty pool: zeros of shape [layers, num_slots, max_len, kv_heads, head_dim], lengths 0.
+    """An empty pool: per layer, zero keys [num_slots, kv_heads, head_dim, max_len] and values
+    [num_slots, kv_heads, max_len, head_dim]; lengths 0.
 
     ``dtype`` defaults to the model's compute dtype.
     """
-    shape = (config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim)
     dtype = config.dtype if dtype is None else dtype
+    heads, dim, layers = config.num_kv_heads, config.head_dim, config.num_layers
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros((num_slots, heads, dim, max_len), dtype) for _ in range(layers)),
+        v=tuple(jnp.zeros((num_slots, heads, max_len, dim), dtype) for _ in range(layers)),
         lengths=jnp.zeros((num_slots,), jnp.int32),
     )
 
@@ -69,7 +88,7 @@ def forward_with_cache(
     model: CausalLM,
     tokens: jax.Array,
     cache: KVCache,
-    slots: jax.Array,
+    slots: jax.Array | None,
     num_tokens: jax.Array | None = None,
     *,
     kv_len: int | None = None,
@@ -87,7 +106,9 @@ def forward_with_cache(
       model: the LM.
       tokens: [B, T] int token ids, right-padded per row.
       cache: the pool.
-      slots: [B] int32 distinct slot indices.
+      slots: [B] int32 distinct slot indices, or ``None`` when row ``b`` is slot ``b`` of a pool
+        of exactly B slots (a batch-local pool from :func:`gather_slots`): the layers then read
+        the keys with a static slice instead of gathering the slots.
       num_tokens: [B] int32 real tokens per row; ``None`` = all T.
       kv_len: static number of leading cache positions to attend over (a bucket <= ``max_len``;
         every touched slot must satisfy ``lengths + num_tokens <= kv_len``). Default ``max_len``.
@@ -107,8 +128,15 @@ def forward_with_cache(
         raise ValueError(f"kv_len={kv_len} must be in [1, max_len={max_len}]")
     if num_tokens is None:
         num_tokens = jnp.full((batch,), steps, jnp.int32)
-    slots = slots.astype(jnp.int32)
-    start = cache.lengths[slots]
+    if slots is None:
+        if batch != cache.num_slots:
+            raise ValueError(
+                f"slots=None needs one row per slot: {batch} rows for {cache.num_slots} slots"
+            )
+        start = cache.lengths
+    else:
+        slots = slots.astype(jnp.int32)
+        start = cache.lengths[slots]
     offsets = jnp.arange(steps, dtype=jnp.int32)
     positions = start[:, None] + offsets[None, :]  # [B, T]
     real = offsets[None, :] < num_tokens[:, None]
@@ -127,8 +155,43 @@ def forward_with_cache(
         last = jnp.maximum(num_tokens - 1, 0)
         hidden = hidden[jnp.arange(batch), last]
     logits = model.logits(hidden)
-    lengths = cache.lengths.at[slots].set(new_lengths)
+    lengths = new_lengths if slots is None else cache.lengths.at[slots].set(new_lengths)
     return logits, KVCache(k=view.k, v=view.v, lengths=lengths)
+
+
+def gather_slots(cache: KVCache, slots: jax.Array, length: int) -> KVCache:
+    """A batch-local pool: row ``b`` holds the first ``length`` positions of slot ``slots[b]``.
+
+    Args:
+      cache: the pool.
+      slots: [B] int32 slot indices.
+      length: static number of leading positions to take (<= ``cache.max_len``).
+
+    Returns:
+      A ``KVCache`` of B slots and ``max_len == length`` with the slots' lengths; run it with
+      ``forward_with_cache(..., slots=None)`` and write it back with :func:`scatter_slots`.
+    """
+    slots = slots.astype(jnp.int32)
+    return KVCache(
+        k=tuple(k[slots, :, :, :length] for k in cache.k),
+        v=tuple(v[slots, :, :length] for v in cache.v),
+        lengths=cache.lengths[slots],
+    )
+
+
+def scatter_slots(cache: KVCache, local: KVCache, slots: jax.Array) -> KVCache:
+    """Writes a batch-local pool (from :func:`gather_slots`) back into slots ``slots`` of the pool.
+
+    The first ``local.max_len`` positions and the lengths of each slot are replaced; positions
+    past them are left as they were.
+    """
+    slots = slots.astype(jnp.int32)
+    length = local.max_len
+    return KVCache(
+        k=tuple(k.at[slots, :, :, :length].set(lk) for k, lk in zip(cache.k, local.k, strict=True)),
+        v=tuple(v.at[slots, :, :length].set(lv) for v, lv in zip(cache.v, local.v, strict=True)),
+        lengths=cache.lengths.at[slots].set(local.lengths),
+    )
 
 
 def fork_slots(cache: KVCache, src: jax.Array, dst: jax.Array, length: jax.Array) -> KVCache:
@@ -147,8 +210,8 @@ def fork_slots(cache: KVCache, src: jax.Array, dst: jax.Array, length: jax.Array
     dst = dst.astype(jnp.int32)
     # Whole rows are copied: positions past `length` are stale and masked by `lengths` anyway.
     return KVCache(
-        k=cache.k.at[:, dst].set(cache.k[:, src]),
-        v=cache.v.at[:, dst].set(cache.v[:, src]),
+        k=tuple(k.at[dst].set(k[src]) for k in cache.k),
+        v=tuple(v.at[dst].set(v[src]) for v in cache.v),
         lengths=cache.lengths.at[dst].set(length.astype(jnp.int32)),
     )
 

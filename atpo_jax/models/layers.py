@@ -133,28 +133,50 @@ class MLP(nnx.Module):
 class CacheView:
     """One cached forward's handle on the KV-cache pool, threaded through the layers.
 
-    ``k``/``v`` are the whole pool, [layers, slots, max_len, K, D]; each layer writes its new keys
-    and values at ``write_pos`` of rows ``slots`` and reads back the first ``kv_len`` positions of
-    those rows. ``write_pos`` holds ``max_len`` (out of range) for padding tokens, so the scatter
-    drops them rather than clamping them onto real positions. ``mask`` is the same for every layer.
+    ``k``/``v`` are the whole pool, one array per layer: keys [slots, K, D, max_len] (transposed),
+    values [slots, K, max_len, D] (see ``models.cache``). Layer ``layer`` writes its new keys and
+    values at ``write_pos`` of rows ``slots`` and reads back the first ``kv_len`` positions of those
+    rows. ``slots=None`` means row b is slot b (a batch-local pool): the read then needs no gather.
+    ``write_pos`` holds ``max_len`` (out of range) for padding tokens, so the scatter drops them
+    rather than clamping them onto real positions. ``mask`` is the same for every layer.
     """
 
-    k: jax.Array  # [layers, slots, max_len, K, D]
-    v: jax.Array  # [layers, slots, max_len, K, D]
-    slots: jax.Array  # [B] int32, distinct
+    k: tuple[jax.Array, ...]  # per layer [slots, K, D, max_len]
+    v: tuple[jax.Array, ...]  # per layer [slots, K, max_len, D]
+    slots: jax.Array | None  # [B] int32, distinct; None = row b is slot b
     write_pos: jax.Array  # [B, T] int32
     mask: jax.Array  # [B, 1, T, kv_len] bool: new token t may attend cache position s
     layer: int = struct.field(pytree_node=False, default=0)
     kv_len: int = struct.field(pytree_node=False, default=0)
 
     def update(self, k_new: jax.Array, v_new: jax.Array) -> tuple[CacheView, jax.Array, jax.Array]:
-        """Writes [B, T, K, D] new keys/values; returns (view, [B, kv_len, K, D] keys, values)."""
-        idx = (self.layer, self.slots[:, None], self.write_pos)
-        k = self.k.at[idx].set(k_new.astype(self.k.dtype), mode="drop")
-        v = self.v.at[idx].set(v_new.astype(self.v.dtype), mode="drop")
-        keys = k[self.layer][self.slots, : self.kv_len].astype(k_new.dtype)
-        values = v[self.layer][self.slots, : self.kv_len].astype(v_new.dtype)
-        return self.replace(k=k, v=v), keys, values
+        """Writes [B, T, K, D] new keys/values of this layer.
+
+        Returns (view, keys [B, K, D, kv_len], values [B, K, kv_len, D]).
+        """
+        batch, _, kv_heads, _ = k_new.shape
+        rows = jnp.arange(batch, dtype=jnp.int32) if self.slots is None else self.slots
+        heads = jnp.arange(kv_heads, dtype=jnp.int32)
+        # Advanced indices split by a slice index [B, K, T] first, then the sliced axis: the
+        # update is [B, K, T, D] for both layouts.
+        rows, heads, pos = rows[:, None, None], heads[None, :, None], self.write_pos[:, None, :]
+        new_k = k_new.transpose(0, 2, 1, 3).astype(self.k[self.layer].dtype)
+        new_v = v_new.transpose(0, 2, 1, 3).astype(self.v[self.layer].dtype)
+        layer_k = self.k[self.layer].at[rows, heads, :, pos].set(new_k, mode="drop")
+        layer_v = self.v[self.layer].at[rows, heads, pos].set(new_v, mode="drop")
+        keys, values = layer_k, layer_v
+        if self.slots is not None:
+            keys, values = keys[self.slots], values[self.slots]
+        if self.kv_len != layer_v.shape[2]:
+            keys, values = keys[..., : self.kv_len], values[:, :, : self.kv_len]
+        view = self.replace(
+            k=_replace_at(self.k, self.layer, layer_k), v=_replace_at(self.v, self.layer, layer_v)
+        )
+        return view, keys.astype(k_new.dtype), values.astype(v_new.dtype)
+
+
+def _replace_at(items: tuple, index: int, value) -> tuple:
+    return items[:index] + (value,) + items[index + 1 :]
 
 
 class Attention(nnx.Module):

@@ -34,7 +34,15 @@ import numpy as np
 from flax import nnx
 
 from atpo_jax.kernels import token_entropy
-from atpo_jax.models import CausalLM, KVCache, fork_slots, forward_with_cache, init_cache
+from atpo_jax.models import (
+    CausalLM,
+    KVCache,
+    fork_slots,
+    forward_with_cache,
+    gather_slots,
+    init_cache,
+    scatter_slots,
+)
 from atpo_jax.rollout.sampling import SamplingParams, sample_next, sampling_logits
 from atpo_jax.rollout.stop import StopStringMatcher
 
@@ -116,15 +124,19 @@ def _decode_program(
     model = nnx.merge(graphdef, state)
     batch = slots.shape[0]
     max_len = cache.max_len
+    pool = cache
+    # The loop runs on the batch's own kv_len-long copy of its slots: every step then reads its
+    # keys with a static slice, and the pool is gathered and written back once per call.
+    local = gather_slots(pool, slots, kv_len)
 
     def body(carry):
         step, cache, pending, active, budget, finish, out_tok, out_lp, out_ent, count = carry
-        position = cache.lengths[slots] + 1  # index of the token about to be sampled
+        position = cache.lengths + 1  # index of the token about to be sampled
         logits, cache = forward_with_cache(
             model,
             pending[:, None],
             cache,
-            slots,
+            None,
             active.astype(jnp.int32),
             kv_len=kv_len,
             last_only=True,
@@ -152,7 +164,7 @@ def _decode_program(
     zeros_f = jnp.zeros((batch, steps), jnp.float32)
     init = (
         jnp.int32(0),
-        cache,
+        local,
         pending,
         active,
         budget,
@@ -162,9 +174,10 @@ def _decode_program(
         zeros_f,
         jnp.zeros((batch,), jnp.int32),
     )
-    _, cache, pending, _, _, finish, tokens, log_probs, entropies, count = jax.lax.while_loop(
+    _, local, pending, _, _, finish, tokens, log_probs, entropies, count = jax.lax.while_loop(
         cond, body, init
     )
+    cache = scatter_slots(pool, local, slots)
     return _keep_layout(cache, cache_sharding), pending, tokens, log_probs, entropies, count, finish
 
 

@@ -338,27 +338,30 @@ def host_local_copy(tree: Any, mesh: Mesh, local_mesh: Mesh) -> Any:
 def kv_cache_shardings(mesh: Mesh, cache: Any) -> Any:
     """Shardings of a rollout KV-cache pool (``models.KVCache``, concrete or abstract) on ``mesh``.
 
-    ``k``/``v`` [layers, slots, max_len, kv_heads, head_dim]: slots over ``("data", "fsdp")`` and
-    kv heads over ``tensor``, each only when the axis divides the dimension (replicated on that
-    axis otherwise); ``lengths`` replicated. Sharding the slots divides the pool's memory by
-    ``data * fsdp``; the price is that a decode batch reads its slots with a masked local gather
-    plus an all-reduce of the batch's [rows, kv_len, kv_heads, head_dim] keys and values per layer
+    Per layer, keys [slots, kv_heads, head_dim, max_len] and values [slots, kv_heads, max_len,
+    head_dim]: slots over ``("data", "fsdp")`` and kv heads over ``tensor``, each only when the
+    axis divides the dimension (replicated on that axis otherwise); ``lengths`` replicated.
+    Sharding the slots divides the pool's memory by ``data * fsdp``; the price is that a batch
+    reads its slots with a masked local gather plus an all-reduce of the batch's keys and values
     (XLA's partitioning of a gather along a sharded dimension), since a batch row may live on any
-    device.
+    device; the engine's decode loop does this once per call (``models.gather_slots``), not per
+    step.
     """
-    _, slots, _, kv_heads, _ = np.shape(cache.k)
+    slots, kv_heads = np.shape(cache.k[0])[:2]
     ways = batch_parallelism(mesh)
     slot_axes = BATCH_AXES if slots % ways == 0 else None
     head_axis = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
     if slot_axes is None or head_axis is None:
         log.info(
-            "KV cache [%s]: slots %s, kv heads %s",
-            "x".join(map(str, np.shape(cache.k))),
+            "KV cache (%d layers of %s): slots %s, kv heads %s",
+            len(cache.k),
+            "x".join(map(str, np.shape(cache.k[0]))),
             "sharded" if slot_axes else f"replicated ({slots} not divisible by {ways})",
             "sharded" if head_axis else "replicated",
         )
-    kv = NamedSharding(mesh, PartitionSpec(None, slot_axes, None, head_axis, None))
-    return KVCache(k=kv, v=kv, lengths=replicated(mesh))
+    kv = NamedSharding(mesh, PartitionSpec(slot_axes, head_axis, None, None))
+    per_layer = tuple(kv for _ in cache.k)
+    return KVCache(k=per_layer, v=per_layer, lengths=replicated(mesh))
 
 
 def process_batch_block(mesh: Mesh) -> tuple[int, int]:

@@ -61,7 +61,8 @@ def test_masked_matches_jax_reference(heads, kv_heads, t):
     mask = jax.random.bernoulli(jax.random.key(2), 0.6, (3, 1, t, 9)).at[..., 0].set(True)
     got, want = jax.jit(
         lambda q, k, v, m: (
-            masked_attention(q, k, v, m),
+            # The KV-cache layout: keys [B, K, D, S], values [B, K, S, D].
+            masked_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), m),
             jax.nn.dot_product_attention(q, k, v, mask=m),
         )
     )(q, k, v, mask)

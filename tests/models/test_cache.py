@@ -93,8 +93,19 @@ def test_chunked_prefill_equals_one_shot(ours):
     np.testing.assert_allclose(np.concatenate(chunks), one_shot[0], **TOL)
     np.testing.assert_allclose(np.concatenate(chunks), _full_logits(model, seq), **TOL)
     np.testing.assert_array_equal(np.asarray(cache_a.lengths), np.asarray(cache_b.lengths))
-    for a, b in [(cache_a.k, cache_b.k), (cache_a.v, cache_b.v)]:
-        np.testing.assert_allclose(np.asarray(a[:, 1, :12]), np.asarray(b[:, 1, :12]), atol=1e-5)
+    for layer in range(
+        model.config.num_layers
+    ):  # keys [slots, K, D, len], values [slots, K, len, D]
+        np.testing.assert_allclose(
+            np.asarray(cache_a.k[layer][1, ..., :12]),
+            np.asarray(cache_b.k[layer][1, ..., :12]),
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(
+            np.asarray(cache_a.v[layer][1, :, :12]),
+            np.asarray(cache_b.v[layer][1, :, :12]),
+            atol=1e-5,
+        )
 
 
 def test_extend_rows_of_different_lengths_and_idle_rows(ours):
@@ -108,7 +119,9 @@ def test_extend_rows_of_different_lengths_and_idle_rows(ours):
     logits, cache = _append(model, cache, [a[4:10], b[2:2]], [0, 2])  # slot 2 idle
     np.testing.assert_allclose(logits[0, :6], _full_logits(model, a)[4:10], **TOL)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [10, 0, 2, 0])
-    np.testing.assert_array_equal(np.asarray(cache.k[:, 2]), np.asarray(before.k[:, 2]))
+    for layer in range(model.config.num_layers):  # the idle slot's keys and values are untouched
+        np.testing.assert_array_equal(np.asarray(cache.k[layer][2]), np.asarray(before.k[layer][2]))
+        np.testing.assert_array_equal(np.asarray(cache.v[layer][2]), np.asarray(before.v[layer][2]))
 
     logits, cache = _append(model, cache, [a[10:10], b[2:9]], [0, 2])  # slot 0 idle
     np.testing.assert_allclose(logits[1, :7], _full_logits(model, b)[2:9], **TOL)
@@ -152,6 +165,38 @@ def test_fork_in_place_truncates_and_reset_empties(ours):
     np.testing.assert_allclose(logits[0, :3], _full_logits(model, other), **TOL)
 
 
+def test_batch_local_pool_decodes_like_the_pool(ours):
+    """gather_slots -> decode with slots=None -> scatter_slots: the logits of a full forward, and
+    the pool afterwards equals decoding on the pool directly; other slots are untouched."""
+    model = ours("qwen3")
+    rng = np.random.default_rng(6)
+    seqs = [rng.integers(0, model.config.vocab_size, n).astype(np.int32) for n in (9, 6)]
+    prompts = [5, 2]
+    slots = jnp.asarray([3, 1], jnp.int32)
+    bystander = rng.integers(0, model.config.vocab_size, 7).astype(np.int32)
+    _, cache = _append(model, _cache(model), [seqs[0][:5], seqs[1][:2], bystander], [3, 1, 0])
+    local = jax.jit(models.gather_slots, static_argnums=2)(cache, slots, 12)
+    assert local.num_slots == 2 and local.max_len == 12
+    np.testing.assert_array_equal(np.asarray(local.lengths), prompts)
+    direct = cache
+    for offset in range(4):
+        tokens = jnp.asarray([[s[p + offset]] for s, p in zip(seqs, prompts, strict=True)])
+        got, local = step(model, tokens, local, None, kv_len=12)
+        want, direct = step(model, tokens, direct, slots, kv_len=12)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+        for b, (s, p) in enumerate(zip(seqs, prompts, strict=True)):
+            np.testing.assert_allclose(
+                np.asarray(got[b, 0]), _full_logits(model, s)[p + offset], **TOL
+            )
+    merged = jax.jit(models.scatter_slots)(cache, local, slots)
+    np.testing.assert_array_equal(np.asarray(merged.lengths), [7, 6, 0, 9])
+    for layer in range(model.config.num_layers):
+        for a, b in [(merged.k[layer], direct.k[layer]), (merged.v[layer], direct.v[layer])]:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(ValueError, match="slots=None needs one row per slot"):
+        models.forward_with_cache(model, jnp.ones((3, 1), jnp.int32), local, None)
+
+
 def test_kv_len_bucket_and_last_only(ours):
     model = ours("llama3")
     rng = np.random.default_rng(5)
@@ -175,10 +220,13 @@ def test_cache_shapes_and_dtype(ours):
     model = ours("qwen3")
     cfg = model.config
     cache = models.init_cache(cfg, num_slots=3, max_len=10, dtype=jnp.bfloat16)
-    assert cache.k.shape == (cfg.num_layers, 3, 10, cfg.num_kv_heads, cfg.head_dim)
-    assert cache.k.dtype == jnp.bfloat16 and cache.lengths.dtype == jnp.int32
+    # One array per layer; keys transposed [slots, kv_heads, head_dim, max_len].
+    assert len(cache.k) == len(cache.v) == cfg.num_layers == cache.num_layers
+    assert all(k.shape == (3, cfg.num_kv_heads, cfg.head_dim, 10) for k in cache.k)
+    assert all(v.shape == (3, cfg.num_kv_heads, 10, cfg.head_dim) for v in cache.v)
+    assert cache.k[0].dtype == jnp.bfloat16 and cache.lengths.dtype == jnp.int32
     assert (cache.num_slots, cache.max_len) == (3, 10)
     # A bf16 cache with a float32 model still runs (reads are cast to the compute dtype).
     logits, cache = step(model, jnp.ones((1, 3), jnp.int32), cache, jnp.asarray([1]))
-    assert logits.dtype == jnp.float32 and cache.k.dtype == jnp.bfloat16
+    assert logits.dtype == jnp.float32 and cache.k[0].dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(logits)).all()
