@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_seconds, print_table  # noqa: E402
+from timing import interleaved_median_seconds, median_seconds, print_table  # noqa: E402
 
 from atpo_jax import models  # noqa: E402
 from atpo_jax.rollout.engine import Engine  # noqa: E402
@@ -99,8 +99,7 @@ def bench_decode(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> 
     agree = np.mean(
         [r.tokens == theirs_out[i, prompt_len:].tolist() for i, r in enumerate(ours_out)]
     )
-    t_ours = median_seconds(ours, repeats=repeats)
-    t_theirs = median_seconds(theirs, repeats=repeats)
+    t_ours, t_theirs = interleaved_median_seconds([ours, theirs], repeats=2 * repeats + 1)
     generated = batch * new_tokens
     print_table(
         f"Decode: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, greedy, "

@@ -24,6 +24,26 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 
     return statistics.median(times)
 
 
+def interleaved_median_seconds(
+    fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1
+) -> list[float]:
+    """Median wall time of each ``fns[i]()``, timing them in turn within every repeat.
+
+    Alternating the contenders spreads a noisy machine's slow spells over all of them, so their
+    ratio is steadier than when each is timed in its own block.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def print_table(title: str, rows: list[tuple[str, float, str]]) -> None:
     """Prints ``(name, seconds, note)`` rows as a fixed-width table."""
     print(f"\n{title}")
