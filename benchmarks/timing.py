@@ -14,14 +14,7 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 
 
     JAX results are waited for (``block_until_ready``) so asynchronous dispatch is timed honestly.
     """
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_median_seconds([fn], repeats=repeats, warmup=warmup)[0]
 
 
 def interleaved_median_seconds(

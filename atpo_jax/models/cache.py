@@ -108,7 +108,7 @@ def forward_with_cache(
       cache: the pool.
       slots: [B] int32 distinct slot indices, or ``None`` when row ``b`` is slot ``b`` of a pool
         of exactly B slots (a batch-local pool from :func:`gather_slots`): the layers then read
-        the keys with a static slice instead of gathering the slots.
+        their keys and values directly instead of gathering the slots.
       num_tokens: [B] int32 real tokens per row; ``None`` = all T.
       kv_len: static number of leading cache positions to attend over (a bucket <= ``max_len``;
         every touched slot must satisfy ``lengths + num_tokens <= kv_len``). Default ``max_len``.
@@ -171,6 +171,8 @@ def gather_slots(cache: KVCache, slots: jax.Array, length: int) -> KVCache:
       A ``KVCache`` of B slots and ``max_len == length`` with the slots' lengths; run it with
       ``forward_with_cache(..., slots=None)`` and write it back with :func:`scatter_slots`.
     """
+    if not 0 < length <= cache.max_len:
+        raise ValueError(f"gather_slots: length={length} must be in [1, max_len={cache.max_len}]")
     slots = slots.astype(jnp.int32)
     return KVCache(
         k=tuple(k[slots, :, :, :length] for k in cache.k),

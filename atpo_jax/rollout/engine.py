@@ -124,18 +124,16 @@ def _decode_program(
     model = nnx.merge(graphdef, state)
     batch = slots.shape[0]
     max_len = cache.max_len
-    pool = cache
     # The loop runs on the batch's own kv_len-long copy of its slots: every step then reads its
-    # keys with a static slice, and the pool is gathered and written back once per call.
-    local = gather_slots(pool, slots, kv_len)
+    # keys without gathering slots, and the pool is gathered and written back once per call.
 
     def body(carry):
-        step, cache, pending, active, budget, finish, out_tok, out_lp, out_ent, count = carry
-        position = cache.lengths + 1  # index of the token about to be sampled
-        logits, cache = forward_with_cache(
+        step, local, pending, active, budget, finish, out_tok, out_lp, out_ent, count = carry
+        position = local.lengths + 1  # index of the token about to be sampled
+        logits, local = forward_with_cache(
             model,
             pending[:, None],
-            cache,
+            local,
             None,
             active.astype(jnp.int32),
             kv_len=kv_len,
@@ -155,7 +153,7 @@ def _decode_program(
         finish = jnp.where(active & ~is_eos & ((budget <= 0) | full), _LENGTH, finish)
         pending = jnp.where(active, token, pending)
         active = active & (finish == _RUNNING)
-        return step + 1, cache, pending, active, budget, finish, out_tok, out_lp, out_ent, count
+        return step + 1, local, pending, active, budget, finish, out_tok, out_lp, out_ent, count
 
     def cond(carry):
         step, active = carry[0], carry[3]
@@ -164,7 +162,7 @@ def _decode_program(
     zeros_f = jnp.zeros((batch, steps), jnp.float32)
     init = (
         jnp.int32(0),
-        local,
+        gather_slots(cache, slots, kv_len),
         pending,
         active,
         budget,
@@ -177,7 +175,7 @@ def _decode_program(
     _, local, pending, _, _, finish, tokens, log_probs, entropies, count = jax.lax.while_loop(
         cond, body, init
     )
-    cache = scatter_slots(pool, local, slots)
+    cache = scatter_slots(cache, local, slots)
     return _keep_layout(cache, cache_sharding), pending, tokens, log_probs, entropies, count, finish
 
 

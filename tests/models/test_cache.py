@@ -193,6 +193,8 @@ def test_batch_local_pool_decodes_like_the_pool(ours):
     for layer in range(model.config.num_layers):
         for a, b in [(merged.k[layer], direct.k[layer]), (merged.v[layer], direct.v[layer])]:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(ValueError, match="length=17 must be in"):
+        models.gather_slots(cache, slots, 17)
     with pytest.raises(ValueError, match="slots=None needs one row per slot"):
         models.forward_with_cache(model, jnp.ones((3, 1), jnp.int32), local, None)
 
