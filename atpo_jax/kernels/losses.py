@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from atpo_jax.kernels._common import as_float, as_mask, masked_mean, safe_divide
-from atpo_jax.kernels.turns import per_token_turn_mean, turn_ids_from_mask
+from atpo_jax.kernels.turns import per_token_run_mean, per_token_turn_mean
 
 LOSS_AGG_MODES = (
     "token-mean",
@@ -116,13 +116,14 @@ def atpo_policy_loss(
     log_probs, old_log_probs, advantages, mask = _prepare(
         log_probs, old_log_probs, advantages, loss_mask
     )
+    log_ratio = jax.lax.stop_gradient(log_probs - old_log_probs)
     if turn_ids is None:
-        turn_ids = turn_ids_from_mask(loss_mask)
+        # Runs of the mask: contiguous by construction, so the windowed run mean applies.
+        turn_log_ratio, turns_per_row = per_token_run_mean(log_ratio, mask)
     else:
         chex.assert_shape(turn_ids, log_probs.shape)
         chex.assert_type(turn_ids, int)
-    log_ratio = jax.lax.stop_gradient(log_probs - old_log_probs)
-    turn_log_ratio, turns_per_row = per_token_turn_mean(log_ratio, mask, jnp.asarray(turn_ids))
+        turn_log_ratio, turns_per_row = per_token_turn_mean(log_ratio, mask, jnp.asarray(turn_ids))
     loss_per_token, metrics = _clipped_sequence_objective(
         turn_log_ratio,
         log_probs,

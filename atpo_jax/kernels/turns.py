@@ -11,6 +11,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from atpo_jax.kernels._common import as_float, safe_divide
 
@@ -109,6 +110,122 @@ def per_token_turn_mean(
     per_token = turn_mean[flat].reshape(rows, length)
     turns_per_row = jnp.sum((counts[:-1] != 0).reshape(rows, length), axis=1, dtype=jnp.int32)
     return per_token, turns_per_row
+
+
+# Tokens per scatter update in per_token_run_mean. Measured on XLA:CPU at the paper's scale
+# (benchmarks/kernels.py): 4 beats 2 (twice the updates) and 8 (wider, sparser update rows).
+_RUN_WINDOW = 4
+# Block length of the matmul prefix count in _exclusive_cumsum_rows (0/1 counts: exact in f32).
+_PREFIX_BLOCK = 64
+
+
+def per_token_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """Mean of ``values`` over each token's run of non-zero ``mask``, broadcast back to the token.
+
+    Same result as ``per_token_turn_mean(values, mask != 0, turn_ids_from_mask(mask))``, built for the
+    ``turn_ids=None`` path of the turn losses, where runs are maximal and contiguous. A per-token
+    scatter and a per-token prefix count dominate that path on CPU, so this version works on windows
+    of W = 4 tokens instead:
+
+    * A window holds at most ``1 + ceil(W/2) = 3`` runs: the one continuing from the previous window
+      (slot 0) and up to two starting inside it (slots 1, 2). A token's slot is the number of run
+      starts at or before it within the window.
+    * With ``base`` = the number of runs started before the window (an exclusive prefix count over
+      windows), slot q of the window holds run ``base + q - 1``: the slots' runs are consecutive, so
+      the window adds its three (sum, count) pairs to a per-row run table with ONE scatter of a
+      contiguous 6-wide slice at ``base`` (a quarter of the updates, no per-token index array).
+    * Each token reads its run's mean at ``base + slot``; sums are plain float additions in each
+      run's own tokens, as with a segment sum (no prefix-sum differences, no cancellation).
+
+    Args:
+      values: [S, L] float.
+      mask: [S, L] bool/int/float; non-zero marks a token of a run.
+
+    Returns:
+      ``(mean, num_runs)``: [S, L] float with each masked token's run mean (0 elsewhere) and [S] int32
+      number of runs per row.
+    """
+    chex.assert_rank([values, mask], 2)
+    chex.assert_equal_shape([values, mask])
+    values = as_float(values)
+    rows, length = values.shape
+    window = _RUN_WINDOW
+    slots = 1 + (window + 1) // 2
+    num_windows = -(-length // window)
+    pad = ((0, 0), (0, num_windows * window - length))
+    inside = jnp.asarray(mask) != 0
+    starts = inside & ~jnp.pad(inside[:, :-1], ((0, 0), (1, 0)))
+
+    def windowed(x):
+        return jnp.pad(x, pad).reshape(rows, num_windows, window)
+
+    x, inside_w, starts_w = (
+        windowed(jnp.where(inside, values, 0)),
+        windowed(inside),
+        windowed(starts),
+    )
+    # slot[j] = number of run starts at positions <= j of the window; `slots` marks tokens outside
+    # every run. Unrolled over the W columns: XLA:CPU reduces a tiny minor axis far slower.
+    starts_so_far = [starts_w[..., 0].astype(jnp.int32)]
+    for j in range(1, window):
+        starts_so_far.append(starts_so_far[-1] + starts_w[..., j])
+    slot = jnp.where(inside_w, jnp.stack(starts_so_far, axis=-1), slots).astype(jnp.int8)
+    slot_cols = [slot[..., j] for j in range(window)]
+    base = _exclusive_cumsum_rows(starts_so_far[-1])
+    # Table entry base + q (per row) holds run base + q - 1; entries per row cover every run id + 1.
+    row_stride = (length + 1) // 2 + slots
+    partials = []
+    for q in range(slots):
+        in_slot = [column == q for column in slot_cols]
+        partials.append(sum(jnp.where(in_slot[j], x[..., j], 0) for j in range(window)))
+        partials.append(sum(in_slot[j].astype(values.dtype) for j in range(window)))
+    updates = jnp.stack(partials, axis=-1).reshape(rows * num_windows, 2 * slots)
+    entry = base + row_stride * jnp.arange(rows, dtype=jnp.int32)[:, None]
+    table = lax.scatter_add(
+        jnp.zeros((2 * rows * row_stride,), values.dtype),
+        (2 * entry).reshape(-1, 1),
+        updates,
+        lax.ScatterDimensionNumbers(
+            update_window_dims=(1,), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,)
+        ),
+        indices_are_sorted=True,
+        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+    run_mean = safe_divide(table[0::2], table[1::2])
+    window_means = lax.gather(
+        run_mean,
+        entry.reshape(-1, 1),
+        lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(), start_index_map=(0,)),
+        slice_sizes=(slots,),
+        indices_are_sorted=True,
+        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    ).reshape(rows, num_windows, slots)
+    mean = jnp.zeros_like(x)
+    for q in range(slots):
+        mean = jnp.where(slot == q, window_means[..., q : q + 1], mean)
+    mean = mean.reshape(rows, num_windows * window)[:, :length]
+    num_runs = base[:, -1] + starts_so_far[-1][:, -1]
+    return mean, num_runs
+
+
+def _exclusive_cumsum_rows(counts: chex.Array) -> chex.Array:
+    """Exclusive prefix sum along axis 1 of a small non-negative int32 [S, N] array.
+
+    XLA:CPU's cumsum is a slow sequential loop; a block-triangular matmul (0/1-weighted integer
+    sums, exact in float32 up to 2^24, computed at HIGHEST precision so TPU/GPU do not round them)
+    plus a cumsum over the few block totals is several times faster and exact.
+    """
+    rows, n = counts.shape
+    block = min(_PREFIX_BLOCK, n)
+    num_blocks = -(-n // block)
+    x = jnp.pad(counts, ((0, 0), (0, num_blocks * block - n))).astype(jnp.float32)
+    x = x.reshape(rows, num_blocks, block)
+    strictly_before = jnp.triu(jnp.ones((block, block), jnp.float32), k=1)
+    within = jnp.einsum("snb,bc->snc", x, strictly_before, precision=lax.Precision.HIGHEST)
+    totals = jnp.sum(x, axis=2)
+    before_block = jnp.cumsum(totals, axis=1) - totals
+    out = (within + before_block[:, :, None]).reshape(rows, num_blocks * block)[:, :n]
+    return out.astype(jnp.int32)
 
 
 def token_entropy(logits: chex.Array) -> chex.Array:

@@ -1,4 +1,5 @@
-"""turn_ids_from_mask, segment_mean and token_entropy against NumPy loops and hand-made cases."""
+"""turn_ids_from_mask, segment_mean, the per-token run/turn means and token_entropy against NumPy loops
+and hand-made cases."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from atpo_jax import kernels
+from atpo_jax.kernels.turns import (
+    _exclusive_cumsum_rows,
+    per_token_run_mean,
+    per_token_turn_mean,
+)
 from tests.kernels import numpy_reference as ref
 from tests.kernels.strategies import row_masks
 
@@ -50,6 +57,88 @@ def test_segment_mean_hand_case_and_empty_turns(call):
     got = call(kernels.segment_mean, values, ids, num_turns=4)
     # turn 0: (1+2)/2; turn 1 empty -> 0; turn 2: (3+10)/2; turn 3 empty; the NaN is outside turns.
     np.testing.assert_allclose(got, [[1.5, 0.0, 6.5, 0.0]])
+
+
+def numpy_run_mean(values, mask):
+    """Per-token mean over the token's run of non-zero mask entries (a loop over rows and runs)."""
+    out = np.zeros(values.shape)
+    runs_per_row = np.zeros(values.shape[0], np.int64)
+    for s, row in enumerate(mask):
+        runs = ref.turns_of_row(row)
+        runs_per_row[s] = len(runs)
+        for a, b in runs:
+            out[s, a:b] = np.mean(values[s, a:b])
+    return out, runs_per_row
+
+
+@st.composite
+def any_length_masks(draw):
+    """Masks of any length 1-140 (not only multiples of the 4-token window or the 64-token block),
+    mixing long runs, single-token runs and alternating 1,0,1,0 (three runs in one window)."""
+    rows, length = draw(st.integers(1, 4)), draw(st.integers(1, 140))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["sparse", "dense", "alternating", "blocks"]))
+    if kind == "alternating":
+        mask = np.tile([1, 0], length)[None, :length].repeat(rows, 0)
+        mask[:, : rng.integers(0, length + 1)] ^= 1
+        return mask.astype(np.int32)
+    if kind == "blocks":
+        return np.repeat(rng.uniform(size=(rows, length)) < 0.5, 5, axis=1)[:, :length].astype(
+            np.int32
+        )
+    p = 0.3 if kind == "sparse" else 0.85
+    return (rng.uniform(size=(rows, length)) < p).astype(np.int32)
+
+
+@given(mask=any_length_masks())
+def test_per_token_run_mean_matches_numpy(call, mask):
+    values = np.random.default_rng(mask.size).normal(size=mask.shape).astype(np.float32)
+    want, want_runs = numpy_run_mean(values.astype(np.float64), mask)
+    got, runs = call(per_token_run_mean, values, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(runs, want_runs)
+    # Same as the general turn-id path it replaces for mask-derived turns.
+    general, general_runs = per_token_turn_mean(
+        jnp.asarray(values), jnp.asarray(mask, jnp.float32), kernels.turn_ids_from_mask(mask)
+    )
+    np.testing.assert_allclose(got, general, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(runs, general_runs)
+
+
+def test_per_token_run_mean_hand_case(call):
+    # Runs [0,2), [3,4), [5,6), [7,9) (the window of tokens 4-7 holds the end of none, a 1-token run
+    # and the start of another); NaN and inf outside runs never leak in; float mask values count as 1.
+    values = np.array([[1.0, 3.0, np.nan, 5.0, np.inf, 7.0, -np.inf, 2.0, 4.0]])
+    mask = np.array([[0.5, 2.0, 0, 1, 0, 1, 0, 1, 1]])
+    got, runs = call(per_token_run_mean, values, mask)
+    np.testing.assert_allclose(got, [[2.0, 2.0, 0.0, 5.0, 0.0, 7.0, 0.0, 3.0, 3.0]])
+    np.testing.assert_array_equal(runs, [4])
+
+
+def test_per_token_run_mean_edge_rows(call):
+    values = np.arange(1.0, 11.0).reshape(2, 5)
+    mask = np.array([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    got, runs = call(per_token_run_mean, values, mask)
+    np.testing.assert_allclose(got, [[0.0] * 5, [8.0] * 5])
+    np.testing.assert_array_equal(runs, [0, 1])
+    one, one_runs = call(per_token_run_mean, np.array([[4.0]]), np.array([[1]]))
+    np.testing.assert_allclose(one, [[4.0]])
+    np.testing.assert_array_equal(one_runs, [1])
+
+
+def test_per_token_run_mean_rejects_bad_shapes():
+    with pytest.raises(AssertionError):
+        per_token_run_mean(jnp.ones((2, 4)), jnp.ones((2, 5)))
+    with pytest.raises(AssertionError):
+        per_token_run_mean(jnp.ones((8,)), jnp.ones((8,)))
+
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 200])
+def test_exclusive_cumsum_rows_is_exact(call, n):
+    counts = np.random.default_rng(n).integers(0, 3, (3, n)).astype(np.int32)
+    got = call(_exclusive_cumsum_rows, counts)
+    np.testing.assert_array_equal(got, np.cumsum(counts, axis=1) - counts)
+    assert got.dtype == jnp.int32
 
 
 def test_token_entropy_matches_numpy(call):
