@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_seconds, print_table  # noqa: E402
+from timing import interleaved_median_seconds, median_seconds, print_table  # noqa: E402
 
 from atpo_jax import kernels  # noqa: E402
 from atpo_jax.train.policy import turn_ids_numpy  # noqa: E402
@@ -90,10 +90,16 @@ def bench_losses(rows: int, length: int, repeats: int):
             lambda x: kernels.atpo_policy_loss(x, o, a, m, turn_ids=t)[0]
         )(lp)
     )
-    t_atpo = median_seconds(lambda: atpo(new, old, adv, mask), repeats=repeats)
-    t_atpo_ids = median_seconds(lambda: atpo_ids(new, old, adv, mask, turn_ids), repeats=repeats)
-    t_ppo = median_seconds(lambda: ppo(new, old, adv, mask), repeats=repeats)
-    t_floor = median_seconds(lambda: floor(new, old, adv, mask), repeats=repeats)
+    # Timed in turn within each repeat, so this noisy machine's slow spells hit every contender.
+    t_atpo, t_atpo_ids, t_ppo, t_floor = interleaved_median_seconds(
+        [
+            lambda: atpo(new, old, adv, mask),
+            lambda: atpo_ids(new, old, adv, mask, turn_ids),
+            lambda: ppo(new, old, adv, mask),
+            lambda: floor(new, old, adv, mask),
+        ],
+        repeats=repeats,
+    )
     rows_out = [
         ("atpo_policy_loss fwd+bwd (jit)", t_atpo, ""),
         (
