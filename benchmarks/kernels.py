@@ -10,7 +10,10 @@ row, relative to
 Credit: leaf z-score + child_softmax values + node advantages on 64 trees x 64 nodes (jitted) versus
 the reference's recursive Python over node objects, plus the token write-out onto 1408 x 6192 rows.
 
-Run: ``python benchmarks/kernels.py [--rows 1408 --length 6192 --trees 64 --nodes 64]``.
+Run: ``python benchmarks/kernels.py [--rows 1408 --length 6192 --trees 64 --nodes 64]
+[--timing interleaved|blocks]``. The loss contenders are timed in turn within each repeat by default;
+``--timing blocks`` times each in its own block of repeats. The ratio to PPO moves with the method
+(PPO's time is mostly page faults on fresh output buffers; README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def reference_style_turn_loss(torch, logp, old, adv, mask, clip_low=3e-3, clip_h
     return per_row.mean()
 
 
-def bench_losses(rows: int, length: int, repeats: int):
+def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleaved"):
     new, old, adv, mask = (jnp.asarray(x) for x in make_loss_inputs(rows, length))
 
     def fwd_bwd(loss_fn):
@@ -90,16 +93,18 @@ def bench_losses(rows: int, length: int, repeats: int):
             lambda x: kernels.atpo_policy_loss(x, o, a, m, turn_ids=t)[0]
         )(lp)
     )
-    # Timed in turn within each repeat, so this noisy machine's slow spells hit every contender.
-    t_atpo, t_atpo_ids, t_ppo, t_floor = interleaved_median_seconds(
-        [
-            lambda: atpo(new, old, adv, mask),
-            lambda: atpo_ids(new, old, adv, mask, turn_ids),
-            lambda: ppo(new, old, adv, mask),
-            lambda: floor(new, old, adv, mask),
-        ],
-        repeats=repeats,
-    )
+    contenders = [
+        lambda: atpo(new, old, adv, mask),
+        lambda: atpo_ids(new, old, adv, mask, turn_ids),
+        lambda: ppo(new, old, adv, mask),
+        lambda: floor(new, old, adv, mask),
+    ]
+    if timing == "interleaved":
+        # Timed in turn within each repeat, so this noisy machine's slow spells hit every contender.
+        times = interleaved_median_seconds(contenders, repeats=repeats)
+    else:
+        times = [median_seconds(fn, repeats=repeats) for fn in contenders]
+    t_atpo, t_atpo_ids, t_ppo, t_floor = times
     rows_out = [
         ("atpo_policy_loss fwd+bwd (jit)", t_atpo, ""),
         (
@@ -238,7 +243,8 @@ def bench_credit(num_trees: int, num_nodes: int, rows: int, length: int, repeats
 
     # Token write-out: rows of leaves (22 per tree at paper scale), spans tiling each row.
     rng = np.random.default_rng(1)
-    tree_index = np.repeat(np.arange(num_trees), max(1, rows // num_trees))[:rows]
+    # Rows spread evenly over the trees (22 per tree at paper scale); any --rows works.
+    tree_index = np.arange(rows) * num_trees // rows
     token_node = -np.ones((rows, length), np.int32)
     paths = []
     for r, b in enumerate(tree_index):
@@ -285,12 +291,18 @@ def main() -> None:
     parser.add_argument("--trees", type=int, default=64)
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--timing",
+        choices=("interleaved", "blocks"),
+        default="interleaved",
+        help="loss contenders timed in turn within each repeat, or each in its own block",
+    )
     args = parser.parse_args()
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)), "
         f"{os.cpu_count()} CPU cores"
     )
-    bench_losses(args.rows, args.length, args.repeats)
+    bench_losses(args.rows, args.length, args.repeats, args.timing)
     bench_credit(args.trees, args.nodes, args.rows, args.length, args.repeats)
 
 

@@ -31,10 +31,13 @@ def turn_ids_from_mask(loss_mask: chex.Array) -> chex.Array:
     """
     chex.assert_rank(loss_mask, 2)
     inside = jnp.asarray(loss_mask) != 0
-    inside_before = jnp.pad(inside[:, :-1], ((0, 0), (1, 0)))
-    starts = inside & ~inside_before
-    ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
+    ids = jnp.cumsum(_run_starts(inside), axis=1, dtype=jnp.int32) - 1
     return jnp.where(inside, ids, -1)
+
+
+def _run_starts(inside: chex.Array) -> chex.Array:
+    """[S, L] bool: True where a run of ``inside`` begins (inside, and the previous token is not)."""
+    return inside & ~jnp.pad(inside[:, :-1], ((0, 0), (1, 0)))
 
 
 def _flat_segment_ids(turn_ids: chex.Array, num_turns: int) -> tuple[chex.Array, chex.Array]:
@@ -154,7 +157,7 @@ def per_token_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array
     num_windows = -(-length // window)
     pad = ((0, 0), (0, num_windows * window - length))
     inside = jnp.asarray(mask) != 0
-    starts = inside & ~jnp.pad(inside[:, :-1], ((0, 0), (1, 0)))
+    starts = _run_starts(inside)
 
     def windowed(x):
         return jnp.pad(x, pad).reshape(rows, num_windows, window)
