@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import interleaved_median_seconds, median_seconds, print_table  # noqa: E402
 
 from atpo_jax import kernels  # noqa: E402
+from atpo_jax.kernels import native  # noqa: E402
 from atpo_jax.train.policy import turn_ids_numpy  # noqa: E402
 
 
@@ -85,6 +86,14 @@ def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleave
 
     atpo = fwd_bwd(kernels.atpo_policy_loss)
     ppo = fwd_bwd(kernels.ppo_policy_loss)
+
+    def atpo_pure_jax(*args, **kwargs):
+        """The same loss traced without the native CPU kernel (what GPU/TPU and compiler-less
+        machines run)."""
+        with native.disabled():
+            return kernels.atpo_policy_loss(*args, **kwargs)
+
+    atpo_pure = fwd_bwd(atpo_pure_jax)
     floor = jax.jit(lambda lp, o, a, m: lp + o + a + m)
     # The trainer numbers the turns once per batch on the host and passes them in.
     turn_ids = jnp.asarray(turn_ids_numpy(np.asarray(mask)))
@@ -95,6 +104,7 @@ def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleave
     )
     contenders = [
         lambda: atpo(new, old, adv, mask),
+        lambda: atpo_pure(new, old, adv, mask),
         lambda: atpo_ids(new, old, adv, mask, turn_ids),
         lambda: ppo(new, old, adv, mask),
         lambda: floor(new, old, adv, mask),
@@ -104,9 +114,15 @@ def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleave
         times = interleaved_median_seconds(contenders, repeats=repeats)
     else:
         times = [median_seconds(fn, repeats=repeats) for fn in contenders]
-    t_atpo, t_atpo_ids, t_ppo, t_floor = times
+    t_atpo, t_atpo_pure, t_atpo_ids, t_ppo, t_floor = times
+    path = "native CPU kernel" if native.run_mean_available() else "pure JAX: kernel not built"
     rows_out = [
-        ("atpo_policy_loss fwd+bwd (jit)", t_atpo, ""),
+        (f"atpo_policy_loss fwd+bwd (jit; {path})", t_atpo, ""),
+        (
+            "atpo_policy_loss, pure-JAX turn mean (GPU/TPU path)",
+            t_atpo_pure,
+            f"vs ppo = {t_atpo_pure / t_ppo:.2f}x",
+        ),
         (
             "atpo_policy_loss, turn_ids given (as the trainer)",
             t_atpo_ids,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from atpo_jax.kernels import native
 from atpo_jax.kernels._common import as_float, safe_divide
 
 
@@ -126,9 +127,86 @@ def per_token_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array
     """Mean of ``values`` over each token's run of non-zero ``mask``, broadcast back to the token.
 
     Same result as ``per_token_turn_mean(values, mask != 0, turn_ids_from_mask(mask))``, built for the
-    ``turn_ids=None`` path of the turn losses, where runs are maximal and contiguous. A per-token
-    scatter and a per-token prefix count dominate that path on CPU, so this version works on windows
-    of W = 4 tokens instead:
+    ``turn_ids=None`` path of the turn losses, where runs are maximal and contiguous:
+
+        mean[s, t] = (1 / (b - a)) * sum_{u in [a, b)} values[s, u]    for t in a run [a, b) of row s
+        mean[s, t] = 0                                                  outside every run
+
+    Values outside runs never enter a sum (NaN/inf there are harmless). On CPU this lowers to a
+    hand-written XLA FFI kernel (:mod:`atpo_jax.kernels.native`: one streaming pass per row, sums in
+    float64) when it could be built; elsewhere, or without a C++ compiler, to
+    :func:`_windowed_run_mean` (pure JAX). Differentiable in ``values``: the map is a symmetric
+    averaging operator, so its vector-Jacobian product is the same run mean of the cotangent.
+
+    Args:
+      values: [S, L] float (bf16/f16 are computed in float32).
+      mask: [S, L] bool/int/float; non-zero marks a token of a run.
+
+    Returns:
+      ``(mean, num_runs)``: [S, L] float with each masked token's run mean (0 elsewhere) and [S] int32
+      number of runs per row.
+    """
+    chex.assert_rank([values, mask], 2)
+    chex.assert_equal_shape([values, mask])
+    values = as_float(values)
+    if values.size == 0:  # No rows or no tokens: nothing to average (and no run table to build).
+        return jnp.zeros_like(values), jnp.zeros(values.shape[:1], jnp.int32)
+    mask = jnp.asarray(mask)
+    if mask.dtype not in _NATIVE_MASK_DTYPES:
+        mask = mask != 0
+    return _run_mean(values, mask)
+
+
+# Mask dtypes the native kernel reads directly (others are converted to bool first).
+_NATIVE_MASK_DTYPES = tuple(
+    jnp.dtype(d)
+    for d in (bool, jnp.int8, jnp.uint8, jnp.int32, jnp.int64, jnp.float32, jnp.float64)
+)
+
+
+@jax.custom_vjp
+def _run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
+    if native.run_mean_available():
+        # Resolved when lowering: CPU gets the FFI kernel, other platforms the pure-JAX path.
+        return lax.platform_dependent(
+            values, mask, cpu=_native_run_mean, default=_windowed_run_mean
+        )
+    return _windowed_run_mean(values, mask)
+
+
+def _run_mean_fwd(values, mask):
+    return _run_mean(values, mask), mask
+
+
+def _run_mean_bwd(mask, cotangents):
+    mean_cotangent, _ = cotangents
+    # mean = M @ values with M[i, j] = 1/|run| when i and j share a run: M is symmetric.
+    values_cotangent, _ = _run_mean(mean_cotangent, mask)
+    return values_cotangent, None
+
+
+_run_mean.defvjp(_run_mean_fwd, _run_mean_bwd)
+
+
+def _native_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """The CPU FFI kernel (``native/run_mean.cc``); any leading axes, the last one is L."""
+    call = jax.ffi.ffi_call(
+        native.RUN_MEAN_TARGET,
+        (
+            jax.ShapeDtypeStruct(values.shape, values.dtype),
+            jax.ShapeDtypeStruct(values.shape[:-1], jnp.int32),
+        ),
+        # The kernel treats every leading axis as rows, so a vmapped call is one bigger call.
+        vmap_method="broadcast_all",
+    )
+    return call(values, mask)
+
+
+def _windowed_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """Pure-JAX :func:`per_token_run_mean` for [S, L] float values (GPU/TPU, or CPU without the kernel).
+
+    A per-token scatter and a per-token prefix count dominate the obvious formulation on CPU, so this
+    version works on windows of W = 4 tokens instead:
 
     * A window holds at most ``1 + ceil(W/2) = 3`` runs: the one continuing from the previous window
       (slot 0) and up to two starting inside it (slots 1, 2). A token's slot is the number of run
@@ -139,18 +217,7 @@ def per_token_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array
       contiguous 6-wide slice at ``base`` (a quarter of the updates, no per-token index array).
     * Each token reads its run's mean at ``base + slot``; sums are plain float additions in each
       run's own tokens, as with a segment sum (no prefix-sum differences, no cancellation).
-
-    Args:
-      values: [S, L] float.
-      mask: [S, L] bool/int/float; non-zero marks a token of a run.
-
-    Returns:
-      ``(mean, num_runs)``: [S, L] float with each masked token's run mean (0 elsewhere) and [S] int32
-      number of runs per row.
     """
-    chex.assert_rank([values, mask], 2)
-    chex.assert_equal_shape([values, mask])
-    values = as_float(values)
     rows, length = values.shape
     window = _RUN_WINDOW
     slots = 1 + (window + 1) // 2
