@@ -7,13 +7,15 @@ row, relative to
       (PyTorch eager, ``.item()`` per turn boundary, autograd backward);
   (c) a memory-bandwidth floor: one jitted elementwise pass that reads the four input arrays and
       writes one array of the same size (what any fused fwd+bwd must at least do).
+Also timed: the same loss traced without the native CPU kernel (the pure-JAX turn mean that GPU/TPU
+run), with explicit ``turn_ids`` (general segment sums), and the native run mean alone.
 Credit: leaf z-score + child_softmax values + node advantages on 64 trees x 64 nodes (jitted) versus
 the reference's recursive Python over node objects, plus the token write-out onto 1408 x 6192 rows.
 
 Run: ``python benchmarks/kernels.py [--rows 1408 --length 6192 --trees 64 --nodes 64]
 [--timing interleaved|blocks]``. The loss contenders are timed in turn within each repeat by default;
 ``--timing blocks`` times each in its own block of repeats. The ratio to PPO moves with the method
-(PPO's time is mostly page faults on fresh output buffers; README, Benchmarks).
+(much of PPO's time is page faults on fresh output buffers; README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from timing import interleaved_median_seconds, median_seconds, print_table  # no
 
 from atpo_jax import kernels  # noqa: E402
 from atpo_jax.kernels import native  # noqa: E402
-from atpo_jax.train.policy import turn_ids_numpy  # noqa: E402
+from atpo_jax.kernels.turns import per_token_run_mean  # noqa: E402
 
 
 def make_loss_inputs(rows: int, length: int, seed: int = 0):
@@ -95,26 +97,29 @@ def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleave
 
     atpo_pure = fwd_bwd(atpo_pure_jax)
     floor = jax.jit(lambda lp, o, a, m: lp + o + a + m)
-    # The trainer numbers the turns once per batch on the host and passes them in.
-    turn_ids = jnp.asarray(turn_ids_numpy(np.asarray(mask)))
+    # Explicit turn ids (any grouping, e.g. one per tree node) take the general segment-sum path.
+    turn_ids = kernels.turn_ids_from_mask(mask)
     atpo_ids = jax.jit(
         lambda lp, o, a, m, t: jax.value_and_grad(
             lambda x: kernels.atpo_policy_loss(x, o, a, m, turn_ids=t)[0]
         )(lp)
     )
+    run_mean = jax.jit(per_token_run_mean)
+    log_ratio = new - old
     contenders = [
         lambda: atpo(new, old, adv, mask),
         lambda: atpo_pure(new, old, adv, mask),
         lambda: atpo_ids(new, old, adv, mask, turn_ids),
         lambda: ppo(new, old, adv, mask),
         lambda: floor(new, old, adv, mask),
+        lambda: run_mean(log_ratio, mask),
     ]
     if timing == "interleaved":
         # Timed in turn within each repeat, so this noisy machine's slow spells hit every contender.
         times = interleaved_median_seconds(contenders, repeats=repeats)
     else:
         times = [median_seconds(fn, repeats=repeats) for fn in contenders]
-    t_atpo, t_atpo_pure, t_atpo_ids, t_ppo, t_floor = times
+    t_atpo, t_atpo_pure, t_atpo_ids, t_ppo, t_floor, t_run_mean = times
     path = "native CPU kernel" if native.run_mean_available() else "pure JAX: kernel not built"
     rows_out = [
         (f"atpo_policy_loss fwd+bwd (jit; {path})", t_atpo, ""),
@@ -124,7 +129,7 @@ def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleave
             f"vs ppo = {t_atpo_pure / t_ppo:.2f}x",
         ),
         (
-            "atpo_policy_loss, turn_ids given (as the trainer)",
+            "atpo_policy_loss, turn_ids given (general segment sums)",
             t_atpo_ids,
             f"vs ppo = {t_atpo_ids / t_ppo:.2f}x",
         ),
@@ -134,6 +139,7 @@ def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleave
             t_floor,
             f"atpo/floor = {t_atpo / t_floor:.2f}x",
         ),
+        (f"per_token_run_mean alone ({path}), forward", t_run_mean, ""),
     ]
     try:
         import torch

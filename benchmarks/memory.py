@@ -122,7 +122,6 @@ def abstract_rows(rows: int, prompt: int, response: int, mesh) -> policy.PolicyR
         advantages=leaf(response, jnp.float32),
         old_log_probs=leaf(response, jnp.float32),
         ref_log_probs=leaf(response, jnp.float32),
-        turn_ids=leaf(response, jnp.int32),
     )
 
 

@@ -73,7 +73,8 @@ class PolicyRows:
 
     ``input_ids``/``attention_mask`` [rows, P+R]: prompt (left-padded) then response; ``response``
     [rows, R] the response tokens; ``loss_mask`` [rows, R]; ``advantages`` [rows, R];
-    ``old_log_probs`` / ``ref_log_probs`` [rows, R]; ``turn_ids`` [rows, R] (-1 outside turns).
+    ``old_log_probs`` / ``ref_log_probs`` [rows, R]. The turns are the runs of ``loss_mask``; the loss
+    finds them itself (one streaming pass on CPU, ``kernels.turns.per_token_run_mean``).
     """
 
     input_ids: jax.Array
@@ -83,16 +84,6 @@ class PolicyRows:
     advantages: jax.Array
     old_log_probs: jax.Array
     ref_log_probs: jax.Array
-    turn_ids: jax.Array
-
-
-def turn_ids_numpy(loss_mask: np.ndarray) -> np.ndarray:
-    """Host version of ``kernels.turn_ids_from_mask`` (computed once per batch, off the hot path)."""
-    inside = np.asarray(loss_mask) != 0
-    before = np.zeros_like(inside)
-    before[:, 1:] = inside[:, :-1]
-    ids = np.cumsum(inside & ~before, axis=1, dtype=np.int32) - 1
-    return np.where(inside, ids, -1).astype(np.int32)
 
 
 def policy_rows(
@@ -119,7 +110,6 @@ def policy_rows(
         advantages=zeros if advantages is None else np.asarray(advantages, np.float32),
         old_log_probs=zeros if old_log_probs is None else np.asarray(old_log_probs, np.float32),
         ref_log_probs=zeros,
-        turn_ids=turn_ids_numpy(loss_mask),
     )
 
 
@@ -160,7 +150,7 @@ def policy_loss(model: CausalLM, rows: PolicyRows, settings: LossSettings):
     args = (log_probs, rows.old_log_probs, rows.advantages, rows.loss_mask)
     if settings.policy_loss == "atpo":
         loss, metrics = kernels.atpo_policy_loss(
-            *args, turn_ids=rows.turn_ids, max_log_ratio=settings.max_log_ratio, **common
+            *args, max_log_ratio=settings.max_log_ratio, **common
         )
     elif settings.policy_loss == "gspo":
         loss, metrics = kernels.gspo_policy_loss(

@@ -127,3 +127,15 @@ def test_native_and_pure_jax_losses_agree():
         want_loss, want_grad = jax.jit(lambda *a: value_and_grad(*a))(new, old, adv, mask)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_build_failure_is_silent_when_the_default_backend_is_not_cpu(monkeypatch):
+    def fail(source, cache_dir=None):
+        raise native.NativeBuildError("No C++ compiler found (simulated).")
+
+    monkeypatch.setattr(native, "_run_mean_status", None)
+    monkeypatch.setattr(native, "build_library", fail)
+    monkeypatch.setattr(native.jax, "default_backend", lambda: "gpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # GPU/TPU programs never run the CPU kernel: no warning.
+        assert not native.run_mean_available()

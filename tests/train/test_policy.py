@@ -16,7 +16,7 @@ from flax import nnx
 
 from atpo_jax import kernels, models
 from atpo_jax.train.credit import CreditSettings, assign_credit
-from atpo_jax.train.policy import LossSettings, make_update_fn, policy_rows, turn_ids_numpy
+from atpo_jax.train.policy import LossSettings, make_update_fn, policy_rows
 
 CONFIG = models.ModelConfig(
     model_type="llama",
@@ -65,15 +65,6 @@ def _direct_loss(model: models.CausalLM, rows, settings: LossSettings) -> jax.Ar
     if settings.policy_loss == "gspo":
         return kernels.gspo_policy_loss(*args, **common)[0]
     return kernels.ppo_policy_loss(*args, dual_clip=settings.dual_clip, **common)[0]
-
-
-def test_host_turn_ids_equal_the_kernel():
-    rng = np.random.default_rng(1)
-    for _ in range(20):
-        mask = (rng.random((5, 17)) < rng.random()).astype(np.int32)
-        np.testing.assert_array_equal(
-            turn_ids_numpy(mask), np.asarray(kernels.turn_ids_from_mask(jnp.asarray(mask)))
-        )
 
 
 @pytest.mark.parametrize(

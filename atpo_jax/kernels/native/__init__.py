@@ -61,8 +61,9 @@ def run_mean_available() -> bool:
     """True when the CPU run-mean kernel is built, loaded and registered with XLA.
 
     The first call per process builds (or loads from the cache) and registers it; later calls are
-    free. Returns False (after one warning naming the cause) when it cannot be built, and without a
-    warning when ``ATPO_JAX_NATIVE=0`` or inside :func:`disabled`.
+    free. Returns False when it cannot be built, after one warning naming the cause if the default
+    JAX backend is the CPU, and without a warning when ``ATPO_JAX_NATIVE=0`` or inside
+    :func:`disabled`.
     """
     global _run_mean_status
     if _disabled_depth or os.environ.get(DISABLE_ENV, "1").strip() == "0":
@@ -78,6 +79,9 @@ def run_mean_available() -> bool:
                 _run_mean_status = True
             except (NativeBuildError, OSError, AttributeError) as error:
                 _run_mean_status = str(error)
+                if jax.default_backend() != "cpu":
+                    # GPU/TPU programs never use the CPU kernel: no reason to bother their users.
+                    return False
                 warnings.warn(
                     f"atpo_jax: the native CPU run-mean kernel is unavailable, so the slower "
                     f"pure-JAX path is used. {error} Set {DISABLE_ENV}=0 to use the pure-JAX path "
