@@ -54,10 +54,13 @@ def test_disabled_context_and_environment_variable_select_the_pure_jax_path(monk
         assert native.RUN_MEAN_TARGET not in _lowered_cpu_hlo(
             lambda v, m: per_token_run_mean(v, m), values, mask
         )
-    monkeypatch.setenv(native.DISABLE_ENV, "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # Disabling on purpose is silent.
-        assert not native.run_mean_available()
+    for value in ("0", "off", "False"):
+        monkeypatch.setenv(native.DISABLE_ENV, value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Disabling on purpose is silent.
+            assert not native.run_mean_available()
+    monkeypatch.setenv(native.DISABLE_ENV, "1")
+    assert native.run_mean_available() == _has_compiler()
 
 
 def test_build_is_cached_by_content(tmp_path):

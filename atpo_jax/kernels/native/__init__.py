@@ -5,15 +5,16 @@ count plus scatter/gather, several ns per token. ``run_mean.cc`` does it in one 
 and is what :func:`atpo_jax.kernels.turns.per_token_run_mean` lowers to on CPU. GPU and TPU keep the
 pure-JAX path.
 
-The kernel is C++ compiled against the XLA FFI headers that ship with jaxlib, so it cannot be a
-prebuilt wheel binary: the first trace on a machine compiles it with the system C++ compiler
-(about 2 s) into a cache directory, and later processes load the cached library. Nothing here is
+The kernel is C++ compiled against the XLA FFI headers that ship with jaxlib. Rather than shipping
+binaries for every jaxlib release and platform, the first trace on a machine compiles it with the
+system C++ compiler (about 2 s) into a cache directory, and later processes load the cached library. Nothing here is
 needed for correctness: when no compiler is found or the build fails, a warning names the cause
 and the pure-JAX path is used.
 
 Settings (environment variables):
 
-* ``ATPO_JAX_NATIVE=0`` — never build or use the native kernels (pure-JAX everywhere, no warning).
+* ``ATPO_JAX_NATIVE=0`` (or ``false``/``off``/``no``) — never build or use the native kernels
+  (pure-JAX everywhere, no warning).
 * ``ATPO_JAX_CACHE_DIR`` — where built libraries go (default ``$XDG_CACHE_HOME/atpo_jax/native`` or
   ``~/.cache/atpo_jax/native``; a private temporary directory if that is not writable).
 * ``CXX`` — the C++17 compiler to use (default: the first of ``g++``, ``c++``, ``clang++`` on PATH).
@@ -40,6 +41,7 @@ import jaxlib
 RUN_MEAN_TARGET = "atpo_run_mean"
 DISABLE_ENV = "ATPO_JAX_NATIVE"
 CACHE_ENV = "ATPO_JAX_CACHE_DIR"
+_OFF_VALUES = ("0", "false", "off", "no")
 
 _SOURCE_DIR = Path(__file__).resolve().parent
 _RUN_MEAN_SOURCE = _SOURCE_DIR / "run_mean.cc"
@@ -51,6 +53,8 @@ _lock = threading.Lock()
 # None until the first attempt; then True (registered) or the reason it is unavailable.
 _run_mean_status: bool | str | None = None
 _disabled_depth = 0
+# Loaded libraries stay referenced for the life of the process: XLA holds pointers into them.
+_loaded_libraries: list[ctypes.CDLL] = []
 
 
 class NativeBuildError(RuntimeError):
@@ -66,13 +70,14 @@ def run_mean_available() -> bool:
     :func:`disabled`.
     """
     global _run_mean_status
-    if _disabled_depth or os.environ.get(DISABLE_ENV, "1").strip() == "0":
+    if _disabled_depth or os.environ.get(DISABLE_ENV, "1").strip().lower() in _OFF_VALUES:
         return False
     with _lock:
         if _run_mean_status is None:
             try:
                 library = ctypes.CDLL(str(build_library(_RUN_MEAN_SOURCE)))
                 handler = getattr(library, _RUN_MEAN_SYMBOL)
+                _loaded_libraries.append(library)
                 jax.ffi.register_ffi_target(
                     RUN_MEAN_TARGET, jax.ffi.pycapsule(handler), platform="cpu"
                 )
@@ -94,8 +99,8 @@ def run_mean_available() -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Traces inside this block use the pure-JAX kernels (for comparisons; already-jitted functions
-    keep what they were traced with)."""
+    """Traces inside this block use the pure-JAX kernels, in every thread of the process (for
+    comparisons; functions already traced keep what they were traced with)."""
     global _disabled_depth
     with _lock:
         _disabled_depth += 1
