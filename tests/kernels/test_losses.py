@@ -376,6 +376,18 @@ def test_explicit_turn_ids_match_numpy_and_default(call):
     np.testing.assert_allclose(
         call(atpo_grad, new, old, adv, mask, turn_ids=custom), want_grad, atol=1e-7
     )
+    # Garbage where the mask is 0 stays out of the explicit-turn path too, even on tokens that
+    # carry a turn id (token 0 of row 1 is numbered but masked).
+    custom[1, 0] = 0
+    junk_new, junk_old, junk_adv = new.copy(), old.copy(), adv.copy()
+    for arr, junk in ((junk_new, -np.inf), (junk_old, np.nan), (junk_adv, np.inf)):
+        arr[mask == 0] = junk
+    np.testing.assert_allclose(
+        call(atpo_loss, junk_new, junk_old, junk_adv, mask, turn_ids=custom), want_loss
+    )
+    np.testing.assert_allclose(
+        call(atpo_grad, junk_new, junk_old, junk_adv, mask, turn_ids=custom), want_grad, atol=1e-7
+    )
 
 
 def test_bfloat16_inputs_compute_in_float32():

@@ -7,9 +7,9 @@ pure-JAX path.
 
 The kernel is C++ compiled against the XLA FFI headers that ship with jaxlib. Rather than shipping
 binaries for every jaxlib release and platform, the first trace on a machine compiles it with the
-system C++ compiler (about 2 s) into a cache directory, and later processes load the cached library. Nothing here is
-needed for correctness: when no compiler is found or the build fails, a warning names the cause
-and the pure-JAX path is used.
+system C++ compiler (about 2 s) into a cache directory, and later processes load the cached
+library. Nothing here is needed for correctness: when no compiler is found or the build fails, a
+warning names the cause and the pure-JAX path is used.
 
 Settings (environment variables):
 

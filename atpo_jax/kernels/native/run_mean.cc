@@ -22,7 +22,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -68,7 +67,7 @@ void RunMeanRows(const T* values, const M* mask, T* mean, int32_t* num_runs, int
   }
 }
 
-// Runs body(chunk) for chunk in [0, num_chunks) on the calling thread and up to `helpers` pool tasks.
+// Shared by the calling thread and the pool tasks of one ParallelChunks call.
 struct ChunkQueue {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -76,6 +75,8 @@ struct ChunkQueue {
   std::condition_variable all_done;
 };
 
+// Runs body(chunk) for chunk in [0, num_chunks) on the calling thread and up to one task per pool
+// thread; returns when every chunk is done.
 void ParallelChunks(ffi::ThreadPool& pool, int64_t num_chunks,
                     const std::function<void(int64_t)>& body) {
   int64_t helpers = std::min<int64_t>(pool.num_threads(), num_chunks - 1);
