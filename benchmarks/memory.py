@@ -3,7 +3,8 @@
 The train step is ``policy.make_update_fn(..., mesh=mesh)``: one mini-batch of the paper's size
 (8 prompts x 22 leaves = 176 rows of 2000 prompt + 6192 response tokens), accumulated over
 micro-batches of ``--rows-per-device`` rows per device (2 x 8192 = 16384 tokens per device, the
-paper's per-GPU token budget), AdamW, bf16 parameters and compute, per-layer remat. It is
+paper's per-GPU token budget), AdamW, float32 master weights and optimizer state with bfloat16
+compute (the ``qwen3_4b`` recipe's mixed precision), per-layer remat. It is
 compiled for a simulated mesh of 8 CPU devices from abstract shapes only
 (``jax.ShapeDtypeStruct`` with shardings; the model comes from ``nnx.eval_shape``), and XLA's
 ``memory_analysis()`` of the compiled, partitioned program gives the bytes per device:
@@ -62,7 +63,7 @@ MINI_BATCH_ROWS = 8 * 22  # 8 prompts x 22 leaves per update
 
 
 def model_config(name: str, layers: int | None = None, attention_impl: str = "xla"):
-    """Qwen3-4B / Qwen3-0.6B / tiny shapes: bf16 parameters and compute, per-layer remat."""
+    """Qwen3-4B / Qwen3-0.6B / tiny shapes: float32 masters, bf16 compute, per-layer remat."""
     shapes = {
         "4b": dict(
             vocab_size=151936,
@@ -101,7 +102,7 @@ def model_config(name: str, layers: int | None = None, attention_impl: str = "xl
         rope_theta=1_000_000.0,
         max_position_embeddings=40960,
         dtype=jnp.bfloat16,
-        param_dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
         remat=True,
         attention_impl=attention_impl,
         **shapes,
@@ -180,7 +181,8 @@ def mesh_label(sizes: tuple[int, int, int]) -> str:
 
 def cpu_table(args: argparse.Namespace) -> None:
     print(
-        f"Qwen3-4B-shaped policy (bf16, remat, tied embeddings), {jax.device_count()} simulated "
+        f"Qwen3-4B-shaped policy (float32 masters, bf16 compute, remat, tied embeddings), "
+        f"{jax.device_count()} simulated "
         f"devices; mini-batch {args.mini_rows} rows x {args.prompt}+{args.response} tokens, "
         f"{args.rows_per_device} rows x {args.prompt + args.response} tokens per device per "
         "micro-batch; AdamW; XLA attention."
@@ -260,7 +262,6 @@ def gpu_run(args: argparse.Namespace) -> None:
         advantages=rng.normal(size=(mini_rows, args.response)).astype(np.float32),
         old_log_probs=np.full((mini_rows, args.response), -5.0, np.float32),
         ref_log_probs=np.zeros((mini_rows, args.response), np.float32),
-        turn_ids=np.zeros((mini_rows, args.response), np.int32),
     )
     rows = sharding.shard_batch(rows, mesh)
     update = policy.make_update_fn(graphdef, tx, policy.LossSettings(), micro_rows, mesh=mesh)

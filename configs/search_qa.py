@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = ""
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-    c.model.param_dtype = "float32"
+    c.model.param_dtype = "float32"  # master weights and optimizer state: keep float32
     c.model.remat = False
     c.model.attention_impl = "xla"  # xla | cudnn (flash attention for training/scoring, GPU only)
     c.model.random = ml_collections.ConfigDict()  # used when model.path is empty
@@ -164,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 50
     c.checkpoint.keep = 3
     c.checkpoint.export_hf = True  # write the final policy as a Hugging Face checkpoint
+    c.checkpoint.export_dtype = ""  # "": the dtype of model.path's checkpoint, else param_dtype
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = True
@@ -234,8 +235,8 @@ def qwen3_4b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.variant = "qwen3_4b"
     c.data.source = "files"
     c.data.prompt_style = "paper"
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"  # bf16 compute on float32 master weights (the reference's FSDP
+    c.model.param_dtype = "float32"  # mixed precision): bf16 masters barely move at lr 1e-6
     c.model.remat = True
     c.mesh.data = 1
     c.mesh.fsdp = -1  # ZeRO-3 over every device: a 4B policy + AdamW does not fit replicated

@@ -19,10 +19,15 @@ from atpo_jax.models.cache import (
     reset_slots,
     scatter_slots,
 )
-from atpo_jax.models.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from atpo_jax.models.checkpoint import (
+    CheckpointError,
+    checkpoint_dtype,
+    from_pretrained,
+    save_pretrained,
+)
 from atpo_jax.models.config import ATTENTION_IMPLS, ConfigError, ModelConfig, RopeScaling
 from atpo_jax.models.log_probs import log_probs_from_hidden, token_log_probs
-from atpo_jax.models.model import CausalLM, positions_from_mask
+from atpo_jax.models.model import CausalLM, compute_params, positions_from_mask
 from atpo_jax.models.tokenizer import load_tokenizer
 
 __all__ = [
@@ -33,6 +38,8 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "RopeScaling",
+    "checkpoint_dtype",
+    "compute_params",
     "fork_slots",
     "forward_with_cache",
     "from_pretrained",

@@ -51,6 +51,19 @@ def hf_param_name(path: tuple[Any, ...]) -> tuple[str, bool]:
     return prefix + ".".join([*module, name]), leaf == "kernel"
 
 
+def checkpoint_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype a Hugging Face checkpoint directory's tensors were saved in, from its
+    ``config.json`` (``torch_dtype``, or ``dtype`` in transformers 5); None when it names none.
+
+    A run that trains float32 master weights from a bfloat16 checkpoint exports in this dtype, so
+    the exported policy has the size and dtype of the checkpoint it started from.
+    """
+    with open(os.path.join(os.fspath(path), CONFIG_NAME), encoding="utf-8") as f:
+        raw = json.load(f)
+    name = raw.get("torch_dtype") or raw.get("dtype")
+    return name if name in ("float32", "bfloat16", "float16") else None
+
+
 def _torch_dtype_name(dtype: Any) -> str:
     name = jnp.dtype(dtype).name
     if name not in ("float32", "bfloat16", "float16"):

@@ -43,6 +43,21 @@ def real_first_order(attention_mask: jax.Array) -> jax.Array:
     return jnp.argsort(attention_mask.astype(bool) == 0, axis=-1, stable=True).astype(jnp.int32)
 
 
+def compute_params(params, config: ModelConfig):
+    """``params`` with every floating-point array in the compute dtype ``config.dtype``.
+
+    With float32 master weights and bfloat16 compute, every matmul casts its weight on the fly;
+    a decode loop would read (and cast) the float32 weights at every step, twice the HBM traffic of
+    bfloat16 weights. The rollout engine runs on this copy instead, made once per policy version.
+    The identity (no copy) when the storage dtype already is the compute dtype.
+    """
+    if jnp.dtype(config.param_dtype) == jnp.dtype(config.dtype):
+        return params
+    return jax.tree.map(
+        lambda x: x.astype(config.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
+
+
 class CausalLM(nnx.Module):
     """Decoder-only transformer LM.
 

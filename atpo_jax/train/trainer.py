@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from atpo_jax import models
 from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.synthetic import read_demos
 from atpo_jax.data.synthetic.augment import augmented_demos
@@ -161,14 +162,14 @@ class Trainer:
         return jax.jit(self.optimizer.init, out_shardings=shardings)(self.params)
 
     def _rollout_model(self) -> Any:
-        """The policy the engines run: the model itself (collocated, as sharded for training) on
-        one process; a copy on this process's devices in a multi-process run."""
-        if jax.process_count() == 1:
-            return self.model
+        """The policy the engines run, its weights in the compute dtype (``models.compute_params``:
+        decoding reads bfloat16 weights, not float32 masters): collocated, as sharded for training,
+        on one process; a copy on this process's devices in a multi-process run."""
         graphdef, params = nnx.split(self.model)
-        return nnx.merge(
-            graphdef, sharding.host_local_copy(params, self.mesh, self.rollout_mesh), copy=False
-        )
+        params = models.compute_params(params, self.model.config)
+        if jax.process_count() > 1:
+            params = sharding.host_local_copy(params, self.mesh, self.rollout_mesh)
+        return nnx.merge(graphdef, params, copy=False)
 
     def _local_batch(self, batch: StepBatch) -> StepBatch:
         """This process's share of every mini-batch of the step (all of it on one process)."""
@@ -518,8 +519,6 @@ class Trainer:
     def _export_hf(self, path: str) -> None:
         """The policy as a Hugging Face checkpoint, written by process 0 (the parameters are
         first gathered from every process: a collective)."""
-        from atpo_jax.models import save_pretrained
-
         model = self.model
         if jax.process_count() > 1:
             full = sharding.reshard(
@@ -528,7 +527,19 @@ class Trainer:
             local = jax.tree.map(lambda x: x.addressable_data(0), full)
             model = nnx.merge(self.graphdef, local, copy=False)
         if distributed.is_main_process():
-            save_pretrained(model, path, tokenizer=self.tokenizer)
+            models.save_pretrained(
+                model, path, dtype=self._export_dtype(), tokenizer=self.tokenizer
+            )
+
+    def _export_dtype(self) -> str:
+        """``checkpoint.export_dtype``, by default the dtype of the checkpoint the run started
+        from (float32 masters trained from a bfloat16 Qwen3 export as bfloat16), else the
+        parameters' own dtype."""
+        cfg = self.config
+        if cfg.checkpoint.export_dtype:
+            return components.dtype_of(cfg.checkpoint.export_dtype, "checkpoint.export_dtype")
+        source = models.checkpoint_dtype(cfg.model.path) if cfg.model.path else None
+        return source or self.model.config.param_dtype
 
     def _save_now(self) -> None:
         self.checkpointer.save(self.step, self.state_dict(), force=True)

@@ -137,6 +137,21 @@ def test_dtype_options(reference, tmp_path):
     assert str(next(reloaded.parameters()).dtype) == "torch.bfloat16"
 
 
+def test_checkpoint_dtype_reads_the_saved_dtype(reference, tmp_path):
+    """What a run exports in by default: the dtype the starting checkpoint was saved in."""
+    path = _copy(reference("qwen3").path, tmp_path / "ckpt")
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)  # transformers 4 writes torch_dtype, 5 writes dtype
+    assert models.checkpoint_dtype(path) == (raw.get("torch_dtype") or raw["dtype"]) == "float32"
+    mixed = models.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    models.save_pretrained(mixed, tmp_path / "bf16", dtype=jnp.bfloat16)
+    assert models.checkpoint_dtype(tmp_path / "bf16") == "bfloat16"
+    _edit_config(path, torch_dtype=None, dtype="float16")  # the transformers 5 key
+    assert models.checkpoint_dtype(path) == "float16"
+    _edit_config(path, torch_dtype=None, dtype=None)
+    assert models.checkpoint_dtype(path) is None
+
+
 def test_save_rejects_unsupported_dtype(ours, tmp_path):
     with pytest.raises(ValueError, match="dtype int8 is not one of"):
         models.save_pretrained(ours("qwen3"), tmp_path, dtype=jnp.int8)
