@@ -92,14 +92,14 @@ def place_on_mesh(config: ml_collections.ConfigDict, model: Any) -> Any:
     the trainer does), so a model too large for one device is evaluated too; returns the mesh."""
     from flax import nnx
 
-    from atpo_jax.train import sharding
+    from atpo_jax import parallel
 
     try:
-        mesh = sharding.make_mesh(config.mesh)
+        mesh = parallel.make_mesh(config.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     params = nnx.state(model)
-    nnx.update(model, sharding.place(params, sharding.param_shardings(mesh, params)))
+    nnx.update(model, parallel.place(params, parallel.param_shardings(mesh, params)))
     return mesh
 
 

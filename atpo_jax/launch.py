@@ -56,12 +56,12 @@ def main(argv: list[str]) -> None:
     logging.getLogger("atpo_jax").setLevel(logging.INFO)
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.variant)
-    from atpo_jax.train import distributed
+    from atpo_jax import parallel
     from atpo_jax.train.components import ConfigError
     from atpo_jax.train.trainer import Trainer
 
     try:
-        distributed.initialize(
+        parallel.initialize(
             {
                 "mode": _DISTRIBUTED.value,
                 "coordinator_address": _COORDINATOR.value,
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
-    if results and distributed.is_main_process():
+    if results and parallel.is_main_process():
         from atpo_jax.train.evaluation import markdown_table
 
         print(f"\nHeld-out evaluation after {trainer.step} steps (workdir {workdir}):")

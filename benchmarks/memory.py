@@ -53,7 +53,8 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from atpo_jax import models  # noqa: E402
-from atpo_jax.train import flops, policy, sharding  # noqa: E402
+from atpo_jax import parallel as sharding  # noqa: E402
+from atpo_jax.train import flops, policy  # noqa: E402
 from atpo_jax.train import optimizer as opt  # noqa: E402
 
 GB = 1e9
@@ -138,7 +139,7 @@ def compile_step(config, mesh, *, mini_rows: int, micro_rows: int, prompt: int, 
     params = with_shardings(params, sharding.param_shardings(mesh, params))
     tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-6))
     opt_state = jax.eval_shape(tx.init, params)
-    opt_state = with_shardings(opt_state, sharding.optimizer_state_shardings(mesh, opt_state))
+    opt_state = with_shardings(opt_state, sharding.param_shardings(mesh, opt_state))
     rows = abstract_rows(mini_rows, prompt, response, mesh)
     update = policy.make_update_fn(graphdef, tx, policy.LossSettings(), micro_rows, mesh=mesh)
     start = time.perf_counter()
@@ -197,7 +198,7 @@ def cpu_table(args: argparse.Namespace) -> None:
     print(header)
     print("|---|---|---|---|---|---|---|")
     for sizes in args.meshes:
-        mesh = sharding.make_mesh(sharding.mesh_config(*sizes))
+        mesh = sharding.make_mesh(sharding.MeshSettings(*sizes))
         ways = sharding.batch_parallelism(mesh)
         micro_rows = args.rows_per_device * ways
         points = {}
@@ -232,7 +233,7 @@ def gpu_run(args: argparse.Namespace) -> None:
     if devices[0].platform != "gpu":
         raise SystemExit("--gpu needs a GPU (jax.devices() has none)")
     config = model_config(args.model, attention_impl="cudnn")
-    mesh = sharding.make_mesh(sharding.mesh_config(1, -1, 1))
+    mesh = sharding.make_mesh(sharding.MeshSettings(1, -1, 1))
     ways = sharding.batch_parallelism(mesh)
     micro_rows = args.rows_per_device * ways
     mini_rows = micro_rows * args.micro_batches
@@ -250,7 +251,7 @@ def gpu_run(args: argparse.Namespace) -> None:
     graphdef, params = nnx.split(model)
     params = sharding.shard_params(params, mesh)
     tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-6))
-    o_shard = sharding.optimizer_state_shardings(mesh, jax.eval_shape(tx.init, params))
+    o_shard = sharding.param_shardings(mesh, jax.eval_shape(tx.init, params))
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
     rng = np.random.default_rng(0)
     length = args.prompt + args.response

@@ -60,6 +60,14 @@ class KVCache:
     def num_slots(self) -> int:
         return self.lengths.shape[0]
 
+    def logical_axes(self) -> KVCache:
+        """What each array's dimensions mean, for the parallel layer's rules (a ``KVCache`` of
+        tuples): slots are batch rows, kv heads split like the attention heads."""
+        keys = ("batch", "kv_heads", None, None)
+        return KVCache(
+            k=tuple(keys for _ in self.k), v=tuple(keys for _ in self.v), lengths=(None,)
+        )
+
     @property
     def max_len(self) -> int:
         return self.v[0].shape[2]

@@ -20,13 +20,18 @@ from atpo_jax.models.config import ModelConfig
 
 DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
 
+# Every parameter declares what its dimensions mean (``logical_axes`` metadata); the parallel
+# layer's rules table maps those names to mesh axes (docs/architecture.md). ``None``: a dimension
+# that is never split (norm scales, biases).
+Axes = tuple[str | None, ...]
+
 
 class RMSNorm(nnx.Module):
     """``w * x / sqrt(mean(x^2) + eps)`` over the last axis, computed in float32."""
 
     def __init__(self, dim: int, eps: float, *, config: ModelConfig):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype), logical_axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., dim] -> [..., dim] in ``x.dtype``."""
@@ -96,10 +101,25 @@ class Linear(nnx.Module):
     GPU/TPU the reshape is free.
     """
 
-    def __init__(self, n_in: int, n_out: int, bias: bool, *, config: ModelConfig, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        bias: bool,
+        *,
+        axes: Axes,
+        config: ModelConfig,
+        rngs: nnx.Rngs,
+    ):
         self.dtype = config.dtype
-        self.kernel = nnx.Param(DEFAULT_INIT(rngs.params(), (n_in, n_out), config.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((n_out,), config.param_dtype)) if bias else None
+        self.kernel = nnx.Param(
+            DEFAULT_INIT(rngs.params(), (n_in, n_out), config.param_dtype), logical_axes=axes
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((n_out,), config.param_dtype), logical_axes=(None,))
+            if bias
+            else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., in] -> [..., out] in the compute dtype."""
@@ -120,9 +140,10 @@ class MLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(h, f, False, config=config, rngs=rngs)
-        self.up_proj = Linear(h, f, False, config=config, rngs=rngs)
-        self.down_proj = Linear(f, h, False, config=config, rngs=rngs)
+        # Column-parallel in, row-parallel out (Megatron): one all-reduce per MLP.
+        self.gate_proj = Linear(h, f, False, axes=("embed", "mlp"), config=config, rngs=rngs)
+        self.up_proj = Linear(h, f, False, axes=("embed", "mlp"), config=config, rngs=rngs)
+        self.down_proj = Linear(f, h, False, axes=("mlp", "embed"), config=config, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, H] -> [B, T, H]."""
@@ -185,10 +206,11 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         n, k, d, h = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
-        self.q_proj = Linear(h, n * d, config.qkv_bias, config=config, rngs=rngs)
-        self.k_proj = Linear(h, k * d, config.qkv_bias, config=config, rngs=rngs)
-        self.v_proj = Linear(h, k * d, config.qkv_bias, config=config, rngs=rngs)
-        self.o_proj = Linear(n * d, h, config.o_bias, config=config, rngs=rngs)
+        column, row = ("embed", "heads"), ("heads", "embed")
+        self.q_proj = Linear(h, n * d, config.qkv_bias, axes=column, config=config, rngs=rngs)
+        self.k_proj = Linear(h, k * d, config.qkv_bias, axes=column, config=config, rngs=rngs)
+        self.v_proj = Linear(h, k * d, config.qkv_bias, axes=column, config=config, rngs=rngs)
+        self.o_proj = Linear(n * d, h, config.o_bias, axes=row, config=config, rngs=rngs)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, config=config)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, config=config)

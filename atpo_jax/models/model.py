@@ -75,13 +75,19 @@ class CausalLM(nnx.Module):
             dtype=config.dtype,
             param_dtype=config.param_dtype,
             embedding_init=DEFAULT_INIT,
+            embedding_metadata={"logical_axes": ("vocab", "embed")},
             rngs=rngs,
         )
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config=config)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(
-                config.hidden_size, config.vocab_size, False, config=config, rngs=rngs
+                config.hidden_size,
+                config.vocab_size,
+                False,
+                axes=("embed", "vocab"),
+                config=config,
+                rngs=rngs,
             )
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:

@@ -16,7 +16,7 @@ after a stop. Shapes are bucketed (batch to a power of two, prefill length to a 
 attended cache length to a multiple of ``kv_bucket``) so a run compiles a small, fixed set of
 programs; :attr:`Engine.compile_count` reports how many.
 
-On a device mesh (``cache_sharding``, see ``train.sharding.kv_cache_shardings``) the model's
+On a device mesh (``cache_sharding``, see :func:`cache_shardings`) the model's
 parameters are used as they are sharded (for training: the engine is collocated with the trainer)
 and the KV-cache pool is created and kept in the given sharding: every program constrains the
 cache it returns to it, so the donated pool never changes layout between calls.
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from atpo_jax import parallel
 from atpo_jax.kernels import token_entropy
 from atpo_jax.models import (
     CausalLM,
@@ -238,6 +239,23 @@ def compiled_program_count() -> int:
     return sum(fn._cache_size() for fn in _PROGRAMS)
 
 
+def cache_shardings(mesh, model_config, num_slots: int, max_len: int) -> KVCache | None:
+    """Shardings of an engine's KV-cache pool of ``num_slots`` x ``max_len`` on ``mesh``, from the
+    cache's declared logical axes (``KVCache.logical_axes``): slots split over ``("data",
+    "fsdp")`` and kv heads over ``tensor``, each only where the axis divides the dimension.
+
+    Sharding the slots divides the pool's memory by ``data * fsdp``; the price is that a batch
+    reads its slots with a masked local gather plus an all-reduce of the batch's keys and values
+    (XLA's partitioning of a gather along a sharded dimension), since a batch row may live on any
+    device; the decode loop does this once per call (``models.gather_slots``), not per step.
+    ``None`` (the default placement) without a mesh or on a one-device mesh.
+    """
+    if mesh is None or mesh.size == 1:
+        return None
+    abstract = jax.eval_shape(lambda: init_cache(model_config, num_slots, max_len))
+    return parallel.logical_shardings(mesh, abstract, abstract.logical_axes())
+
+
 class Engine:
     """A pool of ``num_slots`` KV-cache slots of ``max_len`` tokens each, and batched generation.
 
@@ -253,7 +271,7 @@ class Engine:
       kv_bucket: granularity of the attended cache length (attention cost follows it).
       cache_dtype: KV-cache dtype (default: the model's compute dtype).
       cache_sharding: a ``KVCache`` of ``jax.sharding.Sharding`` for the pool on a device mesh
-        (``train.sharding.kv_cache_shardings``); ``None`` = the default device.
+        (:func:`cache_shardings`); ``None`` = the default device.
     """
 
     def __init__(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import time
-from collections import Counter
 from collections.abc import Sequence
 
 import jax
@@ -33,6 +32,7 @@ import numpy as np
 from atpo_jax import kernels
 from atpo_jax.rollout.batch import RolloutBatch, RowInfo, build_rollout_batch
 from atpo_jax.rollout.engine import Engine, Generation
+from atpo_jax.rollout.stats import RolloutStats, rollout_metrics
 from atpo_jax.rollout.tree import Node, Tree, fix_leaf_count
 from atpo_jax.tools.base import ToolResult
 from atpo_jax.tools.parsing import TurnAction, decide_turn
@@ -125,23 +125,6 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass
-class RolloutStats:
-    """Counters of one rollout, reported as ``rollout/*`` metrics."""
-
-    generate_calls: int = 0
-    generated_tokens: int = 0
-    tool_calls: int = 0
-    tool_failures: int = 0
-    tool_timeouts: int = 0
-    empty_calls: int = 0
-    call_limit_hits: int = 0
-    truncated: int = 0
-    generate_seconds: float = 0.0
-    tool_seconds: float = 0.0
-    picks_by_depth: Counter = dataclasses.field(default_factory=Counter)
-
-
-@dataclasses.dataclass
 class Rollout:
     """A finished rollout: device-ready arrays plus what the host needs for rewards and logging."""
 
@@ -150,32 +133,6 @@ class Rollout:
     rows: list[RowInfo]
     texts: list[str]  # each row's response decoded with special tokens skipped (the reward's input)
     metrics: dict[str, float]
-
-
-def rollout_metrics(trees: Sequence[Tree], rows: Sequence[RowInfo], stats: RolloutStats) -> dict:
-    """``rollout/*`` scalars: tool use, failures, lengths, tree sizes, depth and pick histograms."""
-    lengths = np.array([r.length for r in rows], np.float64)
-    metrics = {
-        "rollout/tool_calls_per_chain": float(np.mean([r.tool_calls for r in rows])),
-        "rollout/tool_calls": float(stats.tool_calls),
-        "rollout/tool_failures": float(stats.tool_failures),
-        "rollout/tool_timeouts": float(stats.tool_timeouts),
-        "rollout/empty_calls": float(stats.empty_calls),
-        "rollout/call_limit_hits": float(stats.call_limit_hits),
-        "rollout/truncated_rows": float(sum(r.finish == "length" for r in rows)),
-        "rollout/response_length_mean": float(lengths.mean()),
-        "rollout/response_length_max": float(lengths.max()),
-        "rollout/nodes_per_tree": float(np.mean([len(t.live_nodes()) for t in trees])),
-        "rollout/generated_tokens": float(stats.generated_tokens),
-        "rollout/generate_calls": float(stats.generate_calls),
-        "time/generate_s": stats.generate_seconds,
-        "time/tools_s": stats.tool_seconds,
-    }
-    for depth, count in sorted(leaf_depth_histogram(trees).items()):
-        metrics[f"rollout/leaf_depth_{depth}"] = float(count)
-    for depth, count in sorted(stats.picks_by_depth.items()):
-        metrics[f"rollout/picks_depth_{depth}"] = float(count)
-    return metrics
 
 
 class TreeSearch:
@@ -577,7 +534,3 @@ def _owns_slot(tree: Tree, node: Node) -> bool:
 
 _scores = jax.jit(kernels.expansion_scores, static_argnames=("penalty",))
 _select = jax.jit(kernels.select_expansion_nodes, static_argnames=("k", "penalty"))
-
-
-def leaf_depth_histogram(trees: Sequence[Tree]) -> Counter:
-    return Counter(t.nodes[i].depth for t in trees for i in t.leaves())

@@ -21,13 +21,12 @@ from jax.sharding import Mesh
 from atpo_jax import models
 from atpo_jax.data import DatasetError, read_rows
 from atpo_jax.data.rows import QARow
-from atpo_jax.rollout.engine import Engine
+from atpo_jax.rollout.engine import Engine, cache_shardings
 from atpo_jax.rollout.sampling import SamplingParams
 from atpo_jax.rollout.tree_search import RolloutConfig, TreeSearch
 from atpo_jax.tools.toolbox import Toolbox
-from atpo_jax.train import sharding
 from atpo_jax.train.credit import CreditSettings
-from atpo_jax.train.policy import LossSettings
+from atpo_jax.train.policy import LossSettings, check_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +339,7 @@ def build_search(
     """An engine + tree search for training rollouts (or greedy single-chain evaluation).
 
     ``mesh``: the devices the engine runs on, with the model's parameters already placed there;
-    its KV-cache pool is sharded by ``sharding.kv_cache_shardings``.
+    its KV-cache pool is sharded by ``rollout.engine.cache_shardings``.
     """
     cfg = rollout_config(config, evaluation=evaluation)
     num_slots = num_slots or config.rollout.num_slots
@@ -355,7 +354,7 @@ def build_search(
         decode=tokenizer.decode,
         decode_chunk=config.rollout.decode_chunk,
         kv_bucket=config.rollout.kv_bucket,
-        cache_sharding=sharding.engine_cache_shardings(mesh, model.config, num_slots, max_len),
+        cache_sharding=cache_shardings(mesh, model.config, num_slots, max_len),
     )
     return TreeSearch(
         engine,
@@ -440,16 +439,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{r.beam_size} = {grown} leaves; make them equal (the reference asserts this too)"
         )
     attention_impl(config)
+    try:  # the devices' share comes later, with the mesh (Trainer)
+        check_micro_batches(
+            t.mini_batch_prompts * r.samples_per_tree,
+            t.micro_batch_rows,
+            rows_are="the mini-batch rows train.mini_batch_prompts x rollout.samples_per_tree",
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(
             f"train.mini_batch_prompts={t.mini_batch_prompts} must divide train.prompts_per_step="
             f"{t.prompts_per_step}"
-        )
-    mini_rows = t.mini_batch_prompts * r.samples_per_tree
-    if mini_rows % t.micro_batch_rows:
-        raise ConfigError(
-            f"train.micro_batch_rows={t.micro_batch_rows} must divide the mini-batch rows "
-            f"mini_batch_prompts x samples_per_tree = {mini_rows}"
         )
     if config.loss.old_log_probs not in ("recompute", "sampler"):
         raise ConfigError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,3 +89,31 @@ def markdown_table(results: dict[str, Any]) -> str:
 def save_results(results: dict[str, Any], path: str) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+
+
+def merge_eval_results(per_process: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``evaluation.evaluate`` results of disjoint question sets as the result over all of them."""
+    if len(per_process) == 1:
+        return dict(per_process[0])
+
+    def weighted(parts: Sequence[Mapping[str, Any]], key: str) -> float:
+        total = sum(p["n"] for p in parts)
+        return float(sum(p[key] * p["n"] for p in parts) / total) if total else 0.0
+
+    sources = sorted({s for r in per_process for s in r["by_source"]})
+    by_source = {}
+    for source in sources:
+        parts = [r["by_source"][source] for r in per_process if source in r["by_source"]]
+        by_source[source] = {
+            "em": weighted(parts, "em"),
+            "f1": weighted(parts, "f1"),
+            "n": sum(p["n"] for p in parts),
+        }
+    samples = [s for r in per_process for s in r.get("samples", [])][:5]
+    return {
+        "em": weighted(per_process, "em"),
+        "f1": weighted(per_process, "f1"),
+        "n": sum(r["n"] for r in per_process),
+        "by_source": by_source,
+        "samples": samples,
+    }

@@ -13,9 +13,9 @@ share of the mini-batch's normaliser (non-empty rows for the ``seq-mean-*`` aggr
 mini-batch, whatever the micro-batch size.
 
 On a mesh (``mesh=`` in ``make_update_fn`` / ``make_log_prob_fn``) both programs are jitted with
-explicit shardings: parameters and optimizer state by the logical-axis rules of
-``train.sharding``, rows split over ``("data", "fsdp")``, scalars replicated. Micro-batch ``j`` is
-still rows ``j·m .. (j+1)·m-1`` of the mini-batch; a sharding constraint redistributes the rows so
+explicit shardings: parameters and optimizer state by their declared logical axes
+(``atpo_jax.parallel``), rows split over ``("data", "fsdp")``, scalars replicated. Micro-batch
+``j`` is still rows ``j·m .. (j+1)·m-1`` of the mini-batch; a sharding constraint redistributes the rows so
 every micro-batch is itself split over the batch axes (each device works on every micro-batch), so
 ``micro_batch_rows`` must be divisible by ``data × fsdp`` as well.
 """
@@ -33,9 +33,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from atpo_jax import kernels
+from atpo_jax import kernels, parallel
 from atpo_jax.models import CausalLM, log_probs_from_hidden
-from atpo_jax.train import sharding
 
 POLICY_LOSSES = ("atpo", "gspo", "ppo")
 
@@ -172,22 +171,19 @@ def policy_loss(model: CausalLM, rows: PolicyRows, settings: LossSettings):
 
 
 def _split_micro(rows: PolicyRows, micro_rows: int) -> PolicyRows:
-    """[M, ...] -> [M / micro_rows, micro_rows, ...]."""
+    """[M, ...] -> [M / micro_rows, micro_rows, ...] (``check_micro_batches`` first)."""
     total = rows.response.shape[0]
-    if total % micro_rows:
-        raise ValueError(
-            f"train.micro_batch_rows={micro_rows} must divide the mini-batch rows ({total})"
-        )
     return jax.tree.map(lambda x: x.reshape(total // micro_rows, micro_rows, *x.shape[1:]), rows)
 
 
-def check_rows_divisible(rows: int, micro_rows: int, mesh: Mesh | None) -> None:
-    """Raises ``ValueError`` naming the setting when a mini-batch cannot be split as configured."""
-    if rows % micro_rows:
-        raise ValueError(
-            f"train.micro_batch_rows={micro_rows} must divide the mini-batch rows ({rows})"
-        )
-    ways = 1 if mesh is None else sharding.batch_parallelism(mesh)
+def check_micro_batches(
+    rows: int, micro_rows: int, ways: int = 1, rows_are: str = "the mini-batch rows"
+) -> None:
+    """The one check of the micro-batch layout: ``micro_rows`` divides the ``rows`` of a
+    mini-batch, and the ``ways = mesh.data x mesh.fsdp`` batch devices divide ``micro_rows``
+    (each micro-batch is split over them). Raises ``ValueError`` naming the settings."""
+    if micro_rows < 1 or rows % micro_rows:
+        raise ValueError(f"train.micro_batch_rows={micro_rows} must divide {rows_are} ({rows})")
     if micro_rows % ways:
         raise ValueError(
             f"train.micro_batch_rows={micro_rows} must be divisible by the batch parallelism "
@@ -195,11 +191,15 @@ def check_rows_divisible(rows: int, micro_rows: int, mesh: Mesh | None) -> None:
         )
 
 
+def _ways(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else parallel.batch_parallelism(mesh)
+
+
 def _micro_sharding(mesh: Mesh | None) -> NamedSharding | None:
     """[micro-batches, rows, ...]: rows over the batch axes, micro-batches (scan axis) whole."""
     if mesh is None:
         return None
-    return NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+    return NamedSharding(mesh, PartitionSpec(None, parallel.BATCH_AXES))
 
 
 def _constrain(tree: Any, shardings: Any) -> Any:
@@ -252,15 +252,16 @@ def make_update_fn(
     """A jitted ``update(params, opt_state, rows) -> (params, opt_state, metrics)`` for one mini-batch.
 
     With ``mesh``, the program takes and returns parameters and optimizer state sharded by
-    ``train.sharding``'s rules, rows split over ``("data", "fsdp")`` (a global array, e.g. from
-    ``sharding.shard_batch``) and returns replicated metrics; gradients are accumulated in the
-    parameters' sharding (FSDP: each device keeps its shard).
+    the parameters' declared logical axes (``atpo_jax.parallel``), rows split over
+    ``("data", "fsdp")`` (a global array, e.g. from ``parallel.shard_batch``) and returns
+    replicated metrics; gradients are accumulated in the parameters' sharding (FSDP: each device
+    keeps its shard).
     """
     micro_sharding = _micro_sharding(mesh)
 
     def update(params, opt_state, rows: PolicyRows):
-        check_rows_divisible(rows.response.shape[0], micro_rows, mesh)
-        grad_shardings = None if mesh is None else sharding.param_shardings(mesh, params)
+        check_micro_batches(rows.response.shape[0], micro_rows, _ways(mesh))
+        grad_shardings = None if mesh is None else parallel.param_shardings(mesh, params)
         micro = _constrain(_split_micro(rows, micro_rows), micro_sharding)
         total_weight = loss_normalizer(rows.loss_mask, settings.loss_agg)
 
@@ -295,10 +296,10 @@ def make_update_fn(
         return jax.jit(update, donate_argnums=donate_argnums)
 
     def shardings_for(params, opt_state, rows):
-        p = sharding.param_shardings(mesh, params)
-        o = sharding.optimizer_state_shardings(mesh, opt_state)
-        b = jax.tree.map(lambda _: sharding.batch_sharding(mesh), rows)
-        return (p, o, b), (p, o, sharding.replicated(mesh))
+        p = parallel.param_shardings(mesh, params)
+        o = parallel.param_shardings(mesh, opt_state)
+        b = jax.tree.map(lambda _: parallel.batch_sharding(mesh), rows)
+        return (p, o, b), (p, o, parallel.replicated(mesh))
 
     return _MeshProgram(update, mesh, shardings_for, donate_argnums)
 
@@ -314,7 +315,7 @@ def make_log_prob_fn(
     micro_sharding = _micro_sharding(mesh)
 
     def log_probs(params, rows: PolicyRows):
-        check_rows_divisible(rows.response.shape[0], micro_rows, mesh)
+        check_micro_batches(rows.response.shape[0], micro_rows, _ways(mesh))
         micro = _constrain(_split_micro(rows, micro_rows), micro_sharding)
 
         # The parameters enter the loop as its carry, not by closure: nnx.remat (model.remat)
@@ -329,8 +330,8 @@ def make_log_prob_fn(
         return jax.jit(log_probs)
 
     def shardings_for(params, rows):
-        b = sharding.batch_sharding(mesh)
-        return (sharding.param_shardings(mesh, params), jax.tree.map(lambda _: b, rows)), b
+        b = parallel.batch_sharding(mesh)
+        return (parallel.param_shardings(mesh, params), jax.tree.map(lambda _: b, rows)), b
 
     return _MeshProgram(log_probs, mesh, shardings_for, ())
 

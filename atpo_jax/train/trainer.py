@@ -34,18 +34,25 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from atpo_jax import models
+from atpo_jax import models, parallel
 from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.synthetic import read_demos
 from atpo_jax.data.synthetic.augment import augmented_demos
 from atpo_jax.rewards.qa import compute_reward
+from atpo_jax.rollout.stats import merge_rollout_metrics
 from atpo_jax.rollout.trace import tree_records, write_trace
-from atpo_jax.train import components, distributed, evaluation, flops, sharding
+from atpo_jax.train import components, evaluation, flops
 from atpo_jax.train.checkpointing import Checkpointer, install_sigterm_handler
 from atpo_jax.train.credit import assign_credit
 from atpo_jax.train.metrics import MetricsWriter, PhaseTimer, ProgressBar
 from atpo_jax.train.optimizer import build_optimizer, current_learning_rate, nonfinite_skips
-from atpo_jax.train.policy import PolicyRows, make_log_prob_fn, make_update_fn, policy_rows
+from atpo_jax.train.policy import (
+    PolicyRows,
+    check_micro_batches,
+    make_log_prob_fn,
+    make_update_fn,
+    policy_rows,
+)
 from atpo_jax.train.sft import encode_demonstrations, run_sft
 
 logger = logging.getLogger(__name__)
@@ -69,7 +76,7 @@ class Trainer:
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         # Process 0 writes the synthetic world's files first; the others then only read them.
-        self.data = distributed.main_process_first(
+        self.data = parallel.main_process_first(
             lambda: components.load_data(config, workdir), "load_data"
         )
         self.tokenizer = self.data.tokenizer
@@ -129,14 +136,19 @@ class Trainer:
         devices), this process's share of every batch, and the policy placed on the mesh."""
         cfg = self.config
         try:
-            self.mesh = sharding.make_mesh(cfg.mesh)
-            self.batch_block, self.batch_blocks = sharding.process_batch_block(self.mesh)
-            distributed.check_batch_layout(
-                mini_batch_prompts=cfg.train.mini_batch_prompts,
-                samples_per_tree=cfg.rollout.samples_per_tree,
-                micro_batch_rows=cfg.train.micro_batch_rows,
-                ways=sharding.batch_parallelism(self.mesh),
-                blocks=self.batch_blocks,
+            self.mesh = parallel.make_mesh(cfg.mesh)
+            self.batch_block, self.batch_blocks = parallel.process_batch_block(self.mesh)
+            check_micro_batches(
+                cfg.train.mini_batch_prompts * cfg.rollout.samples_per_tree,
+                cfg.train.micro_batch_rows,
+                parallel.batch_parallelism(self.mesh),
+                "the mini-batch rows train.mini_batch_prompts x rollout.samples_per_tree",
+            )
+            parallel.local_prompt_positions(
+                cfg.train.prompts_per_step,
+                cfg.train.mini_batch_prompts,
+                self.batch_block,
+                self.batch_blocks,
             )
         except ValueError as e:
             raise components.ConfigError(str(e)) from e
@@ -145,20 +157,20 @@ class Trainer:
         # Rollouts are per process (each runs its own prompts), on its own devices.
         self.rollout_mesh = self.mesh if jax.process_count() == 1 else self.mesh.local_mesh
         params = nnx.state(self.model)
-        self.param_shardings = sharding.param_shardings(self.mesh, params)
-        nnx.update(self.model, sharding.place(params, self.param_shardings))
+        self.param_shardings = parallel.param_shardings(self.mesh, params)
+        nnx.update(self.model, parallel.place(params, self.param_shardings))
 
     def _placed(self, params: Any) -> Any:
         """``params`` in the canonical parameter shardings (after a program that chose its own)."""
         if self.train_mesh is None:
             return params
-        return sharding.reshard(params, self.param_shardings)
+        return parallel.reshard(params, self.param_shardings)
 
     def _init_opt_state(self) -> Any:
         if self.train_mesh is None:
             return self.optimizer.init(self.params)
         abstract = jax.eval_shape(self.optimizer.init, self.params)
-        shardings = sharding.optimizer_state_shardings(self.mesh, abstract)
+        shardings = parallel.param_shardings(self.mesh, abstract)
         return jax.jit(self.optimizer.init, out_shardings=shardings)(self.params)
 
     def _rollout_model(self) -> Any:
@@ -168,13 +180,13 @@ class Trainer:
         graphdef, params = nnx.split(self.model)
         params = models.compute_params(params, self.model.config)
         if jax.process_count() > 1:
-            params = sharding.host_local_copy(params, self.mesh, self.rollout_mesh)
+            params = parallel.host_local_copy(params, self.mesh, self.rollout_mesh)
         return nnx.merge(graphdef, params, copy=False)
 
     def _local_batch(self, batch: StepBatch) -> StepBatch:
         """This process's share of every mini-batch of the step (all of it on one process)."""
         t = self.config.train
-        positions = distributed.local_prompt_positions(
+        positions = parallel.local_prompt_positions(
             t.prompts_per_step, t.mini_batch_prompts, self.batch_block, self.batch_blocks
         )
         return StepBatch(
@@ -190,7 +202,7 @@ class Trainer:
         minis = []
         for start in range(0, rows.response.shape[0], local):
             mini = jax.tree.map(lambda x, s=start: x[s : s + local], rows)
-            minis.append(mini if self.train_mesh is None else sharding.shard_batch(mini, self.mesh))
+            minis.append(mini if self.train_mesh is None else parallel.shard_batch(mini, self.mesh))
         return minis
 
     # ------------------------------------------------------------------ data
@@ -316,7 +328,7 @@ class Trainer:
         if not rows:
             return {}
         # Each process evaluates a contiguous share of the questions; results are merged.
-        share = distributed.split_evenly(len(rows), jax.process_index(), jax.process_count())
+        share = parallel.split_evenly(len(rows), jax.process_index(), jax.process_count())
         with self.timer.phase("eval"):
             results = evaluation.evaluate(
                 self.eval_search,
@@ -325,8 +337,8 @@ class Trainer:
                 batch_prompts=self.config.eval.batch_prompts,
                 reward_mode=self.config.reward.mode,
             )
-            results = distributed.merge_eval_results(distributed.allgather_objects(results))
-        if distributed.is_main_process():
+            results = evaluation.merge_eval_results(parallel.allgather_objects(results))
+        if parallel.is_main_process():
             evaluation.save_results(results, os.path.join(self.workdir, f"eval_{step:06d}.json"))
         metrics = {"eval/em": results["em"], "eval/f1": results["f1"]}
         for source, r in results["by_source"].items():
@@ -410,14 +422,12 @@ class Trainer:
     def _step_metrics(self, out, results, scores, rows, credit, update_metrics) -> dict[str, float]:
         mask = np.asarray(rows.loss_mask) != 0
         # Every process's rows, in global order (the local arrays themselves on one process).
-        gather = functools.partial(distributed.allgather_concat, position=self.batch_block)
+        gather = functools.partial(parallel.allgather_concat, position=self.batch_block)
         adv = gather(np.asarray(rows.advantages)[mask])
         scores = gather(scores)
         ems = gather(np.array([r.em for r in results], np.float64))
         f1s = gather(np.array([r.f1 for r in results], np.float64))
-        rollout_metrics = distributed.merge_rollout_metrics(
-            distributed.allgather_objects(out.metrics)
-        )
+        rollout_metrics = merge_rollout_metrics(parallel.allgather_objects(out.metrics))
         metrics = {
             "reward/mean": float(scores.mean()),
             "reward/std": float(scores.std()),
@@ -521,12 +531,9 @@ class Trainer:
         first gathered from every process: a collective)."""
         model = self.model
         if jax.process_count() > 1:
-            full = sharding.reshard(
-                self.params, jax.tree.map(lambda _: sharding.replicated(self.mesh), self.params)
-            )
-            local = jax.tree.map(lambda x: x.addressable_data(0), full)
+            local = parallel.gather_to_host(self.params, self.mesh)
             model = nnx.merge(self.graphdef, local, copy=False)
-        if distributed.is_main_process():
+        if parallel.is_main_process():
             models.save_pretrained(
                 model, path, dtype=self._export_dtype(), tokenizer=self.tokenizer
             )

@@ -363,13 +363,13 @@ def test_restore_onto_a_different_mesh_and_one_device(tmp_path):
         from flax import nnx
         from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
         from atpo_jax import models
-        from atpo_jax.train import sharding
+        from atpo_jax import parallel as sharding
         from atpo_jax.train.checkpointing import Checkpointer
 
         config = models.ModelConfig(model_type="qwen3", vocab_size=128, hidden_size=32,
             intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
         params = nnx.state(models.CausalLM(config, rngs=nnx.Rngs(0)), nnx.Param)
-        mesh8 = sharding.make_mesh(sharding.mesh_config(fsdp=8))
+        mesh8 = sharding.make_mesh(sharding.MeshSettings(data=1, fsdp=8))
         saved = {{
             "params": sharding.shard_params(params, mesh8),
             "table": jax.device_put(jnp.arange(64.0).reshape(16, 4),
@@ -382,7 +382,7 @@ def test_restore_onto_a_different_mesh_and_one_device(tmp_path):
             ckpt.save(1, saved)
             ckpt.wait()
 
-            mesh = sharding.make_mesh(sharding.mesh_config(data=2, fsdp=1, tensor=4))
+            mesh = sharding.make_mesh(sharding.MeshSettings(data=2, fsdp=1, tensor=4))
             shardings = sharding.param_shardings(mesh, params)
             target = {{
                 "params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from atpo_jax.train import distributed
+from atpo_jax import parallel as distributed
+from atpo_jax.parallel import collectives
+from atpo_jax.rollout.stats import merge_rollout_metrics
+from atpo_jax.train.evaluation import merge_eval_results
 from atpo_jax.train.metrics import read_metrics
+from atpo_jax.train.policy import check_micro_batches
 from tests.train.multidevice import REPO_ROOT, run_python, subprocess_env
 
 # ----------------------------------------------------------------------------------------------
@@ -37,12 +41,13 @@ def test_local_prompt_positions_split_every_mini_batch():
 
 
 def test_batch_layout_errors_name_the_setting():
-    ok = dict(mini_batch_prompts=8, samples_per_tree=8, micro_batch_rows=16, ways=8, blocks=2)
-    distributed.check_batch_layout(**ok)
+    check_micro_batches(64, 16, ways=8)
     with pytest.raises(ValueError, match=r"train.micro_batch_rows=12 must be divisible by .* = 8"):
-        distributed.check_batch_layout(**{**ok, "micro_batch_rows": 12})
-    with pytest.raises(ValueError, match=r"train.mini_batch_prompts=3 must be divisible .* \(2\)"):
-        distributed.check_batch_layout(**{**ok, "mini_batch_prompts": 3, "ways": 1})
+        check_micro_batches(48, 12, ways=8)
+    with pytest.raises(
+        ValueError, match=r"train.micro_batch_rows=5 must divide the mini-batch rows \(64\)"
+    ):
+        check_micro_batches(64, 5)
 
 
 def test_settings_from_flags_then_environment():
@@ -62,13 +67,13 @@ def test_settings_from_flags_then_environment():
     # Nothing given and no cluster: a plain single-process run (jax.distributed not started).
     assert distributed.initialize({}, env={}) is False
     assert distributed.initialize({"mode": "off", "num_processes": 2}, env={}) is False
-    assert distributed._cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "slurm"
-    assert distributed._cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
-    assert distributed._cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "tpu pod"
+    assert collectives._cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "slurm"
+    assert collectives._cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert collectives._cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "tpu pod"
 
 
 def test_merging_per_process_metrics_and_eval_results():
-    merged = distributed.merge_rollout_metrics(
+    merged = merge_rollout_metrics(
         [
             {"rollout/tool_calls": 3.0, "rollout/response_length_mean": 10.0,
              "rollout/response_length_max": 40.0, "rollout/leaf_depth_1": 2.0, "time/tools_s": 1.0},
@@ -94,7 +99,7 @@ def test_merging_per_process_metrics_and_eval_results():
     b = {"em": 1.0, "f1": 0.25, "n": 6, "by_source": {"x": {"em": 1.0, "f1": 0.0, "n": 2},
                                                       "y": {"em": 1.0, "f1": 0.375, "n": 4}},
          "samples": [3, 4, 5, 6]}  # fmt: skip
-    r = distributed.merge_eval_results([a, b])
+    r = merge_eval_results([a, b])
     assert r["n"] == 8 and r["em"] == pytest.approx(7 / 8) and r["f1"] == pytest.approx(2.5 / 8)
     assert r["by_source"]["x"] == {"em": 0.75, "f1": 0.25, "n": 4}
     assert r["by_source"]["y"]["n"] == 4
@@ -113,9 +118,10 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
         import jax, jax.numpy as jnp, numpy as np
         from flax import nnx
         from atpo_jax import models
-        from atpo_jax.rollout.engine import Engine
+        from atpo_jax.rollout.engine import Engine, cache_shardings
         from atpo_jax.rollout.sampling import SamplingParams
-        from atpo_jax.train import optimizer as opt, policy, sharding as S
+        from atpo_jax import parallel as S
+        from atpo_jax.train import optimizer as opt, policy
 
         config = models.ModelConfig(model_type="qwen3", vocab_size=160, hidden_size=32,
             intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -142,10 +148,10 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
 
         out = {"devices": jax.device_count(), "meshes": {}}
         for sizes in [(1, 8, 1), (2, 2, 2)]:
-            mesh = S.make_mesh(S.mesh_config(*sizes))
+            mesh = S.make_mesh(S.MeshSettings(*sizes))
             sharded = S.shard_params(params, mesh)
             abstract = jax.eval_shape(tx.init, sharded)
-            o_shard = S.optimizer_state_shardings(mesh, abstract)
+            o_shard = S.param_shardings(mesh, abstract)
             opt_state = jax.jit(tx.init, out_shardings=o_shard)(sharded)
             batch = S.shard_batch(rows, mesh)
             lp = policy.make_log_prob_fn(graphdef, 8, mesh=mesh)(sharded, batch)
@@ -196,9 +202,9 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
         ref_tokens, ref_lps = generate(Engine(model, **kwargs))
         out["engine"] = {}
         for sizes in [(2, 2, 2)]:  # slots over data x fsdp, kv heads over tensor
-            mesh = S.make_mesh(S.mesh_config(*sizes))
+            mesh = S.make_mesh(S.MeshSettings(*sizes))
             sharded_model = nnx.merge(graphdef, S.shard_params(nnx.state(model), mesh))
-            cache_sharding = S.engine_cache_shardings(mesh, config, 8, 64)
+            cache_sharding = cache_shardings(mesh, config, 8, 64)
             engine = Engine(sharded_model, cache_sharding=cache_sharding, **kwargs)
             tokens, lps = generate(engine)
             out["engine"][str(sizes)] = {

@@ -12,9 +12,8 @@ devices. This module holds the parts that are about processes rather than arrays
   mini-batch is split into equal contiguous shares, one per process (the block of rows its
   devices hold, ``sharding.process_batch_block``), so a global mini-batch assembled from the
   processes' rows holds the same rows, in the same order, as a single-process run.
-- :func:`allgather_concat`, :func:`allgather_objects`, :func:`merge_rollout_metrics` and
-  :func:`merge_eval_results` turn per-process step metrics and evaluation results into the
-  run's (identity functions on one process).
+- :func:`allgather_concat` and :func:`allgather_objects` gather per-process host values (step
+  metrics, evaluation results) in process order (identity functions on one process).
 
 Every function that communicates is a collective: all processes must call it in the same order.
 """
@@ -25,11 +24,12 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -192,30 +192,6 @@ def local_prompt_positions(
     ]
 
 
-def check_batch_layout(
-    *, mini_batch_prompts: int, samples_per_tree: int, micro_batch_rows: int, ways: int, blocks: int
-) -> None:
-    """Raises ``ValueError`` naming the setting when mini-/micro-batches cannot be split over
-    ``ways = data x fsdp`` devices and ``blocks`` processes."""
-    mini_rows = mini_batch_prompts * samples_per_tree
-    if micro_batch_rows % ways:
-        raise ValueError(
-            f"train.micro_batch_rows={micro_batch_rows} must be divisible by the batch parallelism "
-            f"mesh.data x mesh.fsdp = {ways} (each micro-batch is split over those devices)"
-        )
-    if mini_rows % ways:
-        raise ValueError(
-            f"the mini-batch rows train.mini_batch_prompts x rollout.samples_per_tree = "
-            f"{mini_batch_prompts} x {samples_per_tree} = {mini_rows} must be divisible by "
-            f"mesh.data x mesh.fsdp = {ways}"
-        )
-    if mini_batch_prompts % blocks:
-        raise ValueError(
-            f"train.mini_batch_prompts={mini_batch_prompts} must be divisible by the number of "
-            f"processes ({blocks}): each process rolls out an equal share of every mini-batch"
-        )
-
-
 def split_evenly(count: int, block: int, blocks: int) -> range:
     """Indices of block ``block`` when ``count`` items are split into ``blocks`` contiguous,
     near-equal parts (evaluation questions)."""
@@ -230,14 +206,10 @@ def split_evenly(count: int, block: int, blocks: int) -> range:
 def barrier(name: str) -> None:
     """Waits until every process reaches ``name`` (no-op on one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
 
 
@@ -271,64 +243,6 @@ def _split_rows(data: np.ndarray) -> list[np.ndarray]:
     padded[: data.size] = data
     gathered = _allgather(padded)
     return [gathered[i, : int(n)] for i, n in enumerate(lengths)]
-
-
-def _combine_rule(key: str) -> str:
-    """How a ``rollout/*`` or ``time/*`` metric of several processes combines into the run's."""
-    if key.startswith("time/") or key.endswith("_max"):
-        return "max"
-    if key.endswith("_mean") or key.endswith("_per_chain") or key.endswith("_per_tree"):
-        return "mean"  # every process holds the same number of trees and rows
-    if key == "rollout/generate_calls":
-        return "max"  # processes generate concurrently
-    return "sum"  # counters and histograms
-
-
-def merge_rollout_metrics(per_process: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Rollout metrics of all processes as one run's: counts summed, means averaged, maxima and
-    wall times maximised; a histogram bucket a process lacks counts 0."""
-    if len(per_process) == 1:
-        return dict(per_process[0])
-    keys = sorted({k for metrics in per_process for k in metrics})
-    merged = {}
-    for key in keys:
-        values = [float(m.get(key, 0.0)) for m in per_process]
-        rule = _combine_rule(key)
-        if rule == "max":
-            merged[key] = max(values)
-        elif rule == "mean":
-            merged[key] = float(np.mean(values))
-        else:
-            merged[key] = float(np.sum(values))
-    return merged
-
-
-def merge_eval_results(per_process: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``evaluation.evaluate`` results of disjoint question sets as the result over all of them."""
-    if len(per_process) == 1:
-        return dict(per_process[0])
-
-    def weighted(parts: Sequence[Mapping[str, Any]], key: str) -> float:
-        total = sum(p["n"] for p in parts)
-        return float(sum(p[key] * p["n"] for p in parts) / total) if total else 0.0
-
-    sources = sorted({s for r in per_process for s in r["by_source"]})
-    by_source = {}
-    for source in sources:
-        parts = [r["by_source"][source] for r in per_process if source in r["by_source"]]
-        by_source[source] = {
-            "em": weighted(parts, "em"),
-            "f1": weighted(parts, "f1"),
-            "n": sum(p["n"] for p in parts),
-        }
-    samples = [s for r in per_process for s in r.get("samples", [])][:5]
-    return {
-        "em": weighted(per_process, "em"),
-        "f1": weighted(per_process, "f1"),
-        "n": sum(r["n"] for r in per_process),
-        "by_source": by_source,
-        "samples": samples,
-    }
 
 
 def main_process_first(fn: Any, name: str) -> Any:

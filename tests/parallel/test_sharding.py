@@ -12,8 +12,9 @@ from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
 from atpo_jax import models
+from atpo_jax import parallel as S
+from atpo_jax.parallel.rules import spec_for
 from atpo_jax.train import optimizer as opt
-from atpo_jax.train import sharding as S
 from tests.train.multidevice import run_python
 
 
@@ -64,7 +65,7 @@ def specs_by_path(tree, mesh, **kwargs) -> dict[str, P]:
     ],
 )
 def test_mesh_shape_resolution(sizes, devices, want):
-    config = S.mesh_config(*sizes)
+    config = S.MeshSettings(*sizes)
     assert S.resolve_mesh_shape(config, devices) == want
 
 
@@ -92,11 +93,11 @@ def test_bad_mesh_sizes_name_the_setting(sizes, message):
 def test_missing_mesh_axis_and_make_mesh_on_one_device():
     with pytest.raises(ValueError, match=r"train.mesh.tensor is missing"):
         S.resolve_mesh_shape({"data": 1, "fsdp": -1}, 8, prefix="train.mesh")
-    mesh = S.make_mesh(S.mesh_config())
+    mesh = S.make_mesh(S.MeshSettings(data=1, fsdp=-1))
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
     assert mesh.axis_types == (AxisType.Auto,) * 3
     with pytest.raises(ValueError, match="multiply to 2 but there are 1 devices"):
-        S.make_mesh(S.mesh_config(data=2, fsdp=1))
+        S.make_mesh(S.MeshSettings(data=2, fsdp=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_non_divisible_dimension_falls_back_or_raises(caplog):
     # k/v projections have K*D = 2*8 = 16 outputs: not divisible by tensor=32; vocab 150 neither.
     params = abstract_params(tiny_config(vocab_size=150))
     mesh = abstract_mesh(1, 1, 32)
-    with caplog.at_level(logging.WARNING, logger="atpo_jax.train.sharding"):
+    with caplog.at_level(logging.WARNING, logger="atpo_jax.parallel.rules"):
         specs = specs_by_path(params, mesh)
     assert specs["layers/0/self_attn/k_proj/kernel"] == P("fsdp", None)
     assert specs["layers/0/self_attn/q_proj/kernel"] == P("fsdp", "tensor")  # 32 outputs
@@ -142,21 +143,51 @@ def test_non_divisible_dimension_falls_back_or_raises(caplog):
     assert "sharding fell back to replication" in caplog.text
     notes = S.sharding_fallbacks(params, mesh)
     assert any(
-        "layers/0/self_attn/k_proj/kernel/value [32, 16]: dim 1 (heads, size 16) is not "
+        "layers/0/self_attn/k_proj/kernel [32, 16]: dim 1 (heads, size 16) is not "
         "divisible by mesh axis 'tensor' of size 32" in n
         for n in notes
     )
-    with pytest.raises(ValueError, match=r"cannot shard embed_tokens/embedding/value \[150, 32\]"):
+    with pytest.raises(ValueError, match=r"cannot shard embed_tokens/embedding \[150, 32\]"):
         S.partition_specs(params, mesh, strict=True)
 
 
-def test_unknown_matrix_is_replicated_with_a_note():
-    tree = {"adapter": {"kernel": np.zeros((4, 4))}, "scale": np.zeros(4), "count": np.int32(0)}
-    specs = specs_by_path(tree, abstract_mesh(1, 2, 2))
-    assert specs == {"adapter/kernel": P(), "scale": P(), "count": P()}
-    assert S.sharding_fallbacks(tree, abstract_mesh(1, 2, 2)) == [
-        "adapter/kernel [4, 4]: no sharding rule; replicated"
-    ]
+def test_an_array_without_declared_axes_is_an_error():
+    """No silent replication: a matrix that declares nothing (a renamed or new module) fails,
+    naming itself; scalars (optimizer counters) need no declaration."""
+    mesh = abstract_mesh(1, 2, 2)
+    with pytest.raises(S.UndeclaredAxesError, match=r"adapter/kernel \[4, 4\] declares no"):
+        S.partition_specs({"adapter": {"kernel": np.zeros((4, 4))}}, mesh)
+    assert specs_by_path({"count": np.int32(0)}, mesh) == {"count": P()}
+    unknown = nnx.Param(np.zeros((4, 4)), logical_axes=("embed", "experts"))
+    with pytest.raises(S.UndeclaredAxesError, match="logical axis 'experts' has no rule"):
+        S.partition_specs({"w": unknown}, mesh)
+    short = nnx.Param(np.zeros((4, 4)), logical_axes=("embed",))
+    with pytest.raises(S.UndeclaredAxesError, match=r"declares 1 logical axes .* for 2 dims"):
+        S.partition_specs({"w": short}, mesh)
+    declared = nnx.Param(np.zeros((4, 4)), logical_axes=("embed", None))
+    assert specs_by_path({"w": declared}, mesh) == {"w": P("fsdp", None)}
+
+
+def test_every_model_parameter_declares_its_axes():
+    for model_type in ("qwen3", "llama", "qwen2"):
+        config = tiny_config(
+            model_type=model_type, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3"
+        )
+        for tied in (True, False):
+            params = abstract_params(config.replace(tie_word_embeddings=tied))
+            S.partition_specs(params, abstract_mesh(1, 2, 2))  # raises on an undeclared one
+
+
+def test_kv_cache_declares_its_axes():
+    cache = jax.eval_shape(lambda: models.init_cache(tiny_config(), 8, 32))
+    mesh = abstract_mesh(2, 2, 2)
+    axes = cache.logical_axes()
+    assert axes.k[0] == axes.v[0] == ("batch", "kv_heads", None, None)
+    assert spec_for("k", (8, 2, 8, 32), axes.k[0], mesh) == P(
+        ("data", "fsdp"), "tensor", None, None
+    )
+    # 6 slots do not split 4 ways: replicated on the batch axes, heads still split.
+    assert spec_for("k", (6, 2, 8, 32), axes.k[0], mesh) == P(None, "tensor", None, None)
 
 
 def test_optimizer_state_mirrors_the_parameters():
@@ -178,7 +209,7 @@ def test_optimizer_state_mirrors_the_parameters():
 
 
 def test_batch_sharding_spec():
-    mesh = S.make_mesh(S.mesh_config())
+    mesh = S.make_mesh(S.MeshSettings(data=1, fsdp=-1))
     assert S.batch_sharding(mesh).spec == P(("data", "fsdp"))
     assert S.replicated(mesh).spec == P()
     batch = S.shard_batch({"ids": np.arange(6).reshape(3, 2)}, mesh)
@@ -197,7 +228,8 @@ def test_sharded_forward_and_train_step_match_unsharded():
         import jax, jax.numpy as jnp, numpy as np, optax
         from flax import nnx
         from atpo_jax import models
-        from atpo_jax.train import optimizer as opt, sharding as S
+        from atpo_jax import parallel as S
+        from atpo_jax.train import optimizer as opt
 
         # One layer keeps the eight compilations (XLA:CPU, 2 cores) to a few seconds each.
         config = models.ModelConfig(model_type="qwen2", vocab_size=160, hidden_size=32,
@@ -227,11 +259,11 @@ def test_sharded_forward_and_train_step_match_unsharded():
         out = {"devices": jax.device_count(), "meshes": {}}
         # Forward on three layouts; the (slower to compile) train step on the two main ones.
         for sizes in [(1, 8, 1), (2, 2, 2), (1, 1, 8)]:
-            mesh = S.make_mesh(S.mesh_config(*sizes))
+            mesh = S.make_mesh(S.MeshSettings(*sizes))
             p_shard = S.param_shardings(mesh, params, strict=True)
             sharded = S.shard_params(params, mesh, strict=True)
             opt_state = tx.init(sharded)
-            o_shard = S.optimizer_state_shardings(mesh, opt_state, strict=True)
+            o_shard = S.param_shardings(mesh, opt_state, strict=True)
             opt_state = jax.device_put(opt_state, o_shard)
             b_ids, b_targets = S.shard_batch({"i": ids, "t": targets}, mesh).values()
             logits = jax.jit(forward, in_shardings=(p_shard, S.batch_sharding(mesh)))(
@@ -260,12 +292,12 @@ def test_sharded_forward_and_train_step_match_unsharded():
                             jax.tree_util.tree_leaves_with_path(new_state)
                             if "mu/embed_tokens/embedding" in S.path_str(path)],
             })
-        mesh = S.make_mesh(S.mesh_config(data=2, fsdp=2, tensor=2))
+        mesh = S.make_mesh(S.MeshSettings(data=2, fsdp=2, tensor=2))
         try:
             S.shard_batch({"ids": ids[:6]}, mesh)
         except ValueError as err:
             out["batch_error"] = str(err)
-        sub = S.make_mesh(S.mesh_config(), devices=jax.devices()[:4])
+        sub = S.make_mesh(S.MeshSettings(data=1, fsdp=-1), devices=jax.devices()[:4])
         out["sub_mesh"] = [list(sub.devices.shape), sorted(d.id for d in sub.devices.flat)]
         out["ref_loss"] = float(ref_loss)
         emit(out)
