@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint format bench ci
+.PHONY: venv demo test lint format bench ci native
 
 venv:
 	python3 -m venv $(VENV) && $(PY) -m pip install -q -e '.[test,dev]'
@@ -21,6 +21,10 @@ format:
 
 bench:
 	$(PY) benchmarks/kernels.py
+
+# Build the native CPU kernel into the cache now instead of on first use (ATPO_JAX_NATIVE).
+native:
+	$(PY) -c "from atpo_jax.kernels import native; print(native.build_run_mean())"
 
 ci:
 	.ci/run

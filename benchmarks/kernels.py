@@ -89,13 +89,18 @@ def bench_losses(rows: int, length: int, repeats: int, timing: str = "interleave
     atpo = fwd_bwd(kernels.atpo_policy_loss)
     ppo = fwd_bwd(kernels.ppo_policy_loss)
 
-    def atpo_pure_jax(*args, **kwargs):
-        """The same loss traced without the native CPU kernel (what GPU/TPU and compiler-less
-        machines run)."""
-        with native.disabled():
-            return kernels.atpo_policy_loss(*args, **kwargs)
-
-    atpo_pure = fwd_bwd(atpo_pure_jax)
+    # The same loss traced without the native CPU kernel (what GPU/TPU and compiler-less machines
+    # run): traced once here with the switch off; jit reuses that trace when timing.
+    atpo_pure = fwd_bwd(kernels.atpo_policy_loss)
+    previous = os.environ.get(native.SWITCH_ENV)
+    os.environ[native.SWITCH_ENV] = "0"
+    try:
+        jax.block_until_ready(atpo_pure(new, old, adv, mask))
+    finally:
+        if previous is None:
+            del os.environ[native.SWITCH_ENV]
+        else:
+            os.environ[native.SWITCH_ENV] = previous
     floor = jax.jit(lambda lp, o, a, m: lp + o + a + m)
     # Explicit turn ids (any grouping, e.g. one per tree node) take the general segment-sum path.
     turn_ids = kernels.turn_ids_from_mask(mask)

@@ -26,3 +26,11 @@ def safe_divide(numerator: chex.Array, denominator: chex.Array) -> chex.Array:
 def masked_mean(values: chex.Array, mask: chex.Array, axis=None) -> chex.Array:
     """sum(values * mask) / sum(mask) over ``axis``; 0 for an empty mask."""
     return safe_divide(jnp.sum(values * mask, axis=axis), jnp.sum(mask, axis=axis))
+
+
+def check_choice(setting: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raises ``ValueError`` naming ``setting`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(
+            f"{setting}={value!r} is not supported; choose one of {', '.join(choices)}"
+        )

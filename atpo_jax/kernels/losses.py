@@ -18,7 +18,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from atpo_jax.kernels._common import as_float, as_mask, masked_mean, safe_divide
+from atpo_jax.kernels._common import as_float, as_mask, check_choice, masked_mean, safe_divide
 from atpo_jax.kernels.turns import per_token_run_mean, per_token_turn_mean
 
 LOSS_AGG_MODES = (
@@ -49,7 +49,7 @@ def aggregate_loss(loss_per_token: chex.Array, loss_mask: chex.Array, mode: str)
 
     An all-zero mask gives 0, never NaN.
     """
-    _check_choice("loss_agg", mode, LOSS_AGG_MODES)
+    check_choice("loss_agg", mode, LOSS_AGG_MODES)
     loss_per_token = jnp.where(loss_mask != 0, loss_per_token, 0)
     if mode == "token-mean":
         return masked_mean(loss_per_token, loss_mask)
@@ -271,7 +271,7 @@ def kl_penalty(log_probs: chex.Array, ref_log_probs: chex.Array, kind: str = "lo
     chex.assert_rank([log_probs, ref_log_probs], 2)
     chex.assert_equal_shape([log_probs, ref_log_probs])
     kind = _KL_ALIASES.get(kind, kind)
-    _check_choice("kind", kind, KL_KINDS)
+    check_choice("kind", kind, KL_KINDS)
     diff = as_float(log_probs) - jax.lax.stop_gradient(as_float(ref_log_probs))
     if kind == "kl":
         return diff
@@ -345,10 +345,3 @@ def _validate_max_log_ratio(max_log_ratio) -> None:
 
 def _is_static_number(value) -> bool:
     return isinstance(value, int | float)
-
-
-def _check_choice(setting: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"{setting}={value!r} is not supported; choose one of {', '.join(choices)}"
-        )

@@ -18,7 +18,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from atpo_jax.kernels._common import as_float, masked_mean, safe_divide
+from atpo_jax.kernels._common import as_float, check_choice, masked_mean, safe_divide
 
 VALUE_MODES = ("child_mean", "child_softmax", "leaf_mean")
 ADVANTAGE_MODES = ("node_value", "diff_parent", "diff_global", "diff_localglobal")
@@ -27,13 +27,6 @@ ADVANTAGE_MODES = ("node_value", "diff_parent", "diff_global", "diff_localglobal
 def _check_tree(*arrays: chex.Array) -> None:
     chex.assert_rank(list(arrays), 2)
     chex.assert_equal_shape(list(arrays))
-
-
-def _check_choice(setting: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"{setting}={value!r} is not supported; choose one of {', '.join(choices)}"
-        )
 
 
 def _child_matrix(parent: chex.Array, valid: chex.Array) -> chex.Array:
@@ -211,7 +204,7 @@ def tree_node_values(
       [B, N] float32 node values.
     """
     _check_tree(parent, is_leaf, leaf_value, entropy, valid)
-    _check_choice("mode", mode, VALUE_MODES)
+    check_choice("mode", mode, VALUE_MODES)
     parent = jnp.asarray(parent)
     valid = jnp.asarray(valid, bool)
     is_leaf = jnp.asarray(is_leaf, bool) & valid
@@ -244,7 +237,7 @@ def tree_node_advantages(
       [B, N] float32.
     """
     _check_tree(values, parent, valid)
-    _check_choice("mode", mode, ADVANTAGE_MODES)
+    check_choice("mode", mode, ADVANTAGE_MODES)
     values = as_float(values)
     parent = jnp.asarray(parent)
     if mode == "node_value":

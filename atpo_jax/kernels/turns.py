@@ -8,12 +8,14 @@ mask (ALGORITHM.md §4.2; golden behaviour §9.6).
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from atpo_jax.kernels import native
+from atpo_jax.kernels import native as _native
 from atpo_jax.kernels._common import as_float, safe_divide
 
 
@@ -123,7 +125,9 @@ _RUN_WINDOW = 4
 _PREFIX_BLOCK = 64
 
 
-def per_token_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
+def per_token_run_mean(
+    values: chex.Array, mask: chex.Array, *, native: bool | None = None
+) -> tuple[chex.Array, chex.Array]:
     """Mean of ``values`` over each token's run of non-zero ``mask``, broadcast back to the token.
 
     Same result as ``per_token_turn_mean(values, mask != 0, turn_ids_from_mask(mask))``, built for the
@@ -135,12 +139,14 @@ def per_token_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array
     Values outside runs never enter a sum (NaN/inf there are harmless). On CPU this lowers to a
     hand-written XLA FFI kernel (:mod:`atpo_jax.kernels.native`: one streaming pass per row, sums in
     float64) when it could be built; elsewhere, or without a C++ compiler, to
-    :func:`_windowed_run_mean` (pure JAX). Differentiable in ``values``: the map is a symmetric
+    :func:`_windowed_run_mean` (pure JAX, the reference path). Differentiable in ``values``: the map is a symmetric
     averaging operator, so its vector-Jacobian product is the same run mean of the cotangent.
 
     Args:
       values: [S, L] float (bf16/f16 are computed in float32).
       mask: [S, L] bool/int/float; non-zero marks a token of a run.
+      native: ``None`` follows ``ATPO_JAX_NATIVE`` (the native CPU kernel when it is available);
+        ``False`` always traces the pure-JAX path; ``True`` requires the native kernel on CPU.
 
     Returns:
       ``(mean, num_runs)``: [S, L] float with each masked token's run mean (0 elsewhere) and [S] int32
@@ -154,7 +160,18 @@ def per_token_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array
     mask = jnp.asarray(mask)
     if mask.dtype not in _NATIVE_MASK_DTYPES:
         mask = mask != 0
-    return _run_mean(values, mask)
+    if native is None:
+        use_native = _native.run_mean_available()
+    elif native:
+        if not _native.run_mean_available():
+            raise _native.NativeBuildError(
+                "per_token_run_mean(native=True): the native CPU kernel is unavailable "
+                f"({_native.SWITCH_ENV}={_native.switch()})"
+            )
+        use_native = True
+    else:
+        use_native = False
+    return _run_mean(values, mask, use_native)
 
 
 # Mask dtypes the native kernel reads directly (others are converted to bool first).
@@ -164,9 +181,11 @@ _NATIVE_MASK_DTYPES = tuple(
 )
 
 
-@jax.custom_vjp
-def _run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
-    if native.run_mean_available():
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _run_mean(
+    values: chex.Array, mask: chex.Array, use_native: bool
+) -> tuple[chex.Array, chex.Array]:
+    if use_native:
         # Resolved when lowering: CPU gets the FFI kernel, other platforms the pure-JAX path.
         return lax.platform_dependent(
             values, mask, cpu=_native_run_mean, default=_windowed_run_mean
@@ -174,14 +193,14 @@ def _run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Ar
     return _windowed_run_mean(values, mask)
 
 
-def _run_mean_fwd(values, mask):
-    return _run_mean(values, mask), mask
+def _run_mean_fwd(values, mask, use_native):
+    return _run_mean(values, mask, use_native), mask
 
 
-def _run_mean_bwd(mask, cotangents):
+def _run_mean_bwd(use_native, mask, cotangents):
     mean_cotangent, _ = cotangents
     # mean = M @ values with M[i, j] = 1/|run| when i and j share a run: M is symmetric.
-    values_cotangent, _ = _run_mean(mean_cotangent, mask)
+    values_cotangent, _ = _run_mean(mean_cotangent, mask, use_native)
     return values_cotangent, None
 
 
@@ -191,7 +210,7 @@ _run_mean.defvjp(_run_mean_fwd, _run_mean_bwd)
 def _native_run_mean(values: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
     """The CPU FFI kernel (``native/run_mean.cc``); any leading axes, the last one is L."""
     call = jax.ffi.ffi_call(
-        native.RUN_MEAN_TARGET,
+        _native.RUN_MEAN_TARGET,
         (
             jax.ShapeDtypeStruct(values.shape, values.dtype),
             jax.ShapeDtypeStruct(values.shape[:-1], jnp.int32),

@@ -47,20 +47,53 @@ def test_kernel_is_built_and_used_on_cpu_when_a_compiler_exists():
             assert not native.run_mean_available()
 
 
-def test_disabled_context_and_environment_variable_select_the_pure_jax_path(monkeypatch):
+def test_argument_and_environment_variable_select_the_pure_jax_path(monkeypatch):
     values, mask = jnp.ones((2, 8)), jnp.ones((2, 8))
-    with native.disabled():
-        assert not native.run_mean_available()
-        assert native.RUN_MEAN_TARGET not in _lowered_cpu_hlo(
-            lambda v, m: per_token_run_mean(v, m), values, mask
-        )
-    for value in ("0", "off", "False"):
-        monkeypatch.setenv(native.DISABLE_ENV, value)
+    hlo = _lowered_cpu_hlo(lambda v, m: per_token_run_mean(v, m, native=False), values, mask)
+    assert native.RUN_MEAN_TARGET not in hlo
+    for value in ("0", "off", "False", " no "):
+        monkeypatch.setenv(native.SWITCH_ENV, value)
+        assert native.switch() == "off"
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # Disabling on purpose is silent.
             assert not native.run_mean_available()
-    monkeypatch.setenv(native.DISABLE_ENV, "1")
-    assert native.run_mean_available() == _has_compiler()
+            hlo = _lowered_cpu_hlo(lambda v, m: per_token_run_mean(v, m), values, mask)
+        assert native.RUN_MEAN_TARGET not in hlo
+        with pytest.raises(native.NativeBuildError, match="native=True"):
+            per_token_run_mean(values, mask, native=True)
+    for value, mode in (("1", "on"), ("yes", "on"), ("auto", "auto"), ("", "auto")):
+        monkeypatch.setenv(native.SWITCH_ENV, value)
+        assert native.switch() == mode
+        assert native.run_mean_available() == _has_compiler()
+    monkeypatch.setenv(native.SWITCH_ENV, "maybe")
+    with pytest.raises(ValueError, match="ATPO_JAX_NATIVE='maybe': use auto"):
+        native.switch()
+
+
+def test_importing_the_kernels_compiles_nothing(tmp_path):
+    """A fresh process that imports (and uses nothing of) the kernels builds no library."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, native.CACHE_ENV: str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    code = (
+        "import atpo_jax.kernels, atpo_jax.kernels.native as n; assert n._run_mean_status is None"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert not list(tmp_path.iterdir())
+
+
+def test_required_kernel_that_cannot_be_built_raises(monkeypatch):
+    def fail(source, cache_dir=None):
+        raise native.NativeBuildError("No C++ compiler found (simulated).")
+
+    monkeypatch.setattr(native, "_run_mean_status", None)
+    monkeypatch.setattr(native, "build_library", fail)
+    monkeypatch.setenv(native.SWITCH_ENV, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error, not a warning
+        with pytest.raises(native.NativeBuildError, match="ATPO_JAX_NATIVE=1 requires.*simulated"):
+            native.run_mean_available()
 
 
 def test_build_is_cached_by_content(tmp_path):
@@ -126,7 +159,8 @@ def test_native_and_pure_jax_losses_agree():
         return jax.value_and_grad(lambda x: kernels.atpo_policy_loss(x, o, a, m)[0])(lp)
 
     loss, grad = jax.jit(value_and_grad)(new, old, adv, mask)
-    with native.disabled():
+    with pytest.MonkeyPatch.context() as patch:  # the pure-JAX path, traced afresh
+        patch.setenv(native.SWITCH_ENV, "0")
         want_loss, want_grad = jax.jit(lambda *a: value_and_grad(*a))(new, old, adv, mask)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)

@@ -11,13 +11,25 @@ system C++ compiler (about 2 s) into a cache directory, and later processes load
 library. Nothing here is needed for correctness: when no compiler is found or the build fails, a
 warning names the cause and the pure-JAX path is used.
 
-Settings (environment variables):
+Nothing is compiled on import. The switch is one environment variable, read when a program is
+traced:
 
-* ``ATPO_JAX_NATIVE=0`` (or ``false``/``off``/``no``) — never build or use the native kernels
-  (pure-JAX everywhere, no warning).
-* ``ATPO_JAX_CACHE_DIR`` — where built libraries go (default ``$XDG_CACHE_HOME/atpo_jax/native`` or
-  ``~/.cache/atpo_jax/native``; a private temporary directory if that is not writable).
-* ``CXX`` — the C++17 compiler to use (default: the first of ``g++``, ``c++``, ``clang++`` on PATH).
+* ``ATPO_JAX_NATIVE=auto`` (default) — build on first CPU use (or load the cached build); if that
+  fails, warn once (naming the cause and the fix) and use the pure-JAX path.
+* ``ATPO_JAX_NATIVE=1`` (or ``true``/``on``/``yes``) — the kernel is required: a failed build raises
+  :class:`NativeBuildError` instead of falling back.
+* ``ATPO_JAX_NATIVE=0`` (or ``false``/``off``/``no``) — never build or use it (pure JAX, no
+  warning).
+
+``make native`` (:func:`build_run_mean`) builds it ahead of time into the cache. Other settings:
+``ATPO_JAX_CACHE_DIR`` (where built libraries go; default ``$XDG_CACHE_HOME/atpo_jax/native`` or
+``~/.cache/atpo_jax/native``, a private temporary directory if that is not writable) and ``CXX``
+(the C++17 compiler; default the first of ``g++``, ``c++``, ``clang++`` on PATH).
+
+The only process-wide state is the cached outcome of the first build attempt (the loaded library
+and its registration with XLA, which are process-wide by nature). The pure-JAX path is the
+documented reference; a caller that wants it for one trace passes ``native=False`` to
+:func:`atpo_jax.kernels.turns.per_token_run_mean`.
 """
 
 from __future__ import annotations
@@ -39,9 +51,10 @@ import jax
 import jaxlib
 
 RUN_MEAN_TARGET = "atpo_run_mean"
-DISABLE_ENV = "ATPO_JAX_NATIVE"
+SWITCH_ENV = "ATPO_JAX_NATIVE"
 CACHE_ENV = "ATPO_JAX_CACHE_DIR"
 _OFF_VALUES = ("0", "false", "off", "no")
+_ON_VALUES = ("1", "true", "on", "yes")
 
 _SOURCE_DIR = Path(__file__).resolve().parent
 _RUN_MEAN_SOURCE = _SOURCE_DIR / "run_mean.cc"
@@ -52,7 +65,6 @@ _BUILD_TIMEOUT_S = 300
 _lock = threading.Lock()
 # None until the first attempt; then True (registered) or the reason it is unavailable.
 _run_mean_status: bool | str | None = None
-_disabled_depth = 0
 # Loaded libraries stay referenced for the life of the process: XLA holds pointers into them.
 _loaded_libraries: list[ctypes.CDLL] = []
 
@@ -61,16 +73,35 @@ class NativeBuildError(RuntimeError):
     """The C++ kernel could not be compiled or loaded (the message says why and what to do)."""
 
 
+def switch() -> str:
+    """``ATPO_JAX_NATIVE`` as one of ``auto``, ``on``, ``off``.
+
+    Raises:
+      ValueError: the variable holds anything else (naming it and the accepted values).
+    """
+    raw = os.environ.get(SWITCH_ENV, "auto").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in _ON_VALUES:
+        return "on"
+    if raw in _OFF_VALUES:
+        return "off"
+    raise ValueError(
+        f"{SWITCH_ENV}={os.environ[SWITCH_ENV]!r}: use auto (default), 1 (required) or 0 (never)"
+    )
+
+
 def run_mean_available() -> bool:
     """True when the CPU run-mean kernel is built, loaded and registered with XLA.
 
-    The first call per process builds (or loads from the cache) and registers it; later calls are
-    free. Returns False when it cannot be built, after one warning naming the cause if the default
-    JAX backend is the CPU, and without a warning when ``ATPO_JAX_NATIVE=0`` or inside
-    :func:`disabled`.
+    ``off``: False, nothing built. Otherwise the first call per process builds (or loads from the
+    cache) and registers the kernel; later calls are free. When it cannot be built, ``on`` raises
+    :class:`NativeBuildError`, ``auto`` returns False after one warning naming the cause (only if
+    the default JAX backend is the CPU: GPU/TPU programs never run the kernel).
     """
     global _run_mean_status
-    if _disabled_depth or os.environ.get(DISABLE_ENV, "1").strip().lower() in _OFF_VALUES:
+    mode = switch()
+    if mode == "off":
         return False
     with _lock:
         if _run_mean_status is None:
@@ -84,31 +115,25 @@ def run_mean_available() -> bool:
                 _run_mean_status = True
             except (NativeBuildError, OSError, AttributeError) as error:
                 _run_mean_status = str(error)
-                if jax.default_backend() != "cpu":
-                    # GPU/TPU programs never use the CPU kernel: no reason to bother their users.
-                    return False
-                warnings.warn(
-                    f"atpo_jax: the native CPU run-mean kernel is unavailable, so the slower "
-                    f"pure-JAX path is used. {error} Set {DISABLE_ENV}=0 to use the pure-JAX path "
-                    "without this warning.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                if mode == "auto" and jax.default_backend() == "cpu":
+                    warnings.warn(
+                        f"atpo_jax: the native CPU run-mean kernel is unavailable, so the slower "
+                        f"pure-JAX path is used. {error} Set {SWITCH_ENV}=0 to use the pure-JAX "
+                        "path without this warning.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        if _run_mean_status is not True and mode == "on":
+            raise NativeBuildError(
+                f"{SWITCH_ENV}=1 requires the native CPU run-mean kernel, but it is unavailable: "
+                f"{_run_mean_status} Set {SWITCH_ENV}=auto to fall back to pure JAX."
+            )
         return _run_mean_status is True
 
 
-@contextlib.contextmanager
-def disabled():
-    """Traces inside this block use the pure-JAX kernels, in every thread of the process (for
-    comparisons; functions already traced keep what they were traced with)."""
-    global _disabled_depth
-    with _lock:
-        _disabled_depth += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _disabled_depth -= 1
+def build_run_mean() -> Path:
+    """Builds the run-mean kernel into the cache now (``make native``); returns the library."""
+    return build_library(_RUN_MEAN_SOURCE)
 
 
 def build_library(source: Path, cache_dir: Path | None = None) -> Path:
