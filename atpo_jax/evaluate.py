@@ -24,7 +24,7 @@ data file, retriever or setting) exits with status 2 and one message on stderr.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import os
 import sys
@@ -35,9 +35,13 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from atpo_jax.builder import build_run
 from atpo_jax.cli import parse_flags
-from atpo_jax.train import components, evaluation
-from atpo_jax.train.components import ConfigError
+from atpo_jax.config import run_settings
+from atpo_jax.data.settings import DataSource
+from atpo_jax.settings import ConfigError
+from atpo_jax.train import evaluation
+from atpo_jax.train.checkpointing import Checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +72,6 @@ def _is_run_dir(path: str) -> bool:
 
 def _checkpoint_step(directory: str, step: int | None) -> int:
     """The step to read from orbax ``directory``: ``step`` if complete there, else the newest."""
-    from atpo_jax.train.checkpointing import Checkpointer
-
     reader = Checkpointer(directory, read_only=True)
     try:
         steps = reader.all_steps()
@@ -85,43 +87,6 @@ def _checkpoint_step(directory: str, step: int | None) -> int:
     if step not in steps:
         raise ConfigError(f"--step={step}: {directory!r} has complete checkpoints {steps}")
     return step
-
-
-def place_on_mesh(config: ml_collections.ConfigDict, model: Any) -> Any:
-    """Shards ``model``'s parameters over the ``config.mesh`` mesh of this process's devices (as
-    the trainer does), so a model too large for one device is evaluated too; returns the mesh."""
-    from flax import nnx
-
-    from atpo_jax import parallel
-
-    try:
-        mesh = parallel.make_mesh(config.mesh)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    params = nnx.state(model)
-    nnx.update(model, parallel.place(params, parallel.param_shardings(mesh, params)))
-    return mesh
-
-
-def restore_params(model: Any, directory: str, step: int) -> None:
-    """Reads the ``params`` item of orbax checkpoint ``step`` into ``model`` (in place)."""
-    from flax import nnx
-
-    from atpo_jax.train.checkpointing import Checkpointer
-
-    _, params = nnx.split(model)
-    reader = Checkpointer(directory, read_only=True)
-    try:
-        restored = reader.restore(step, target={"params": params})["params"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"the parameters of {directory!r} step {step} do not fit the model built from the "
-            "config (model.path / model.random.*); pass the training run's --config overrides "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    finally:
-        reader.close()
-    nnx.update(model, restored)
 
 
 def evaluate_checkpoint(
@@ -142,7 +107,7 @@ def evaluate_checkpoint(
     checkpoint = os.path.abspath(checkpoint)
     if not os.path.isdir(checkpoint):
         raise ConfigError(f"--checkpoint={checkpoint!r} is not a directory")
-    config = copy.deepcopy(config)
+    settings = run_settings(config)
     hf = is_hf_checkpoint(checkpoint)
     parent = os.path.dirname(checkpoint)
     if hf:
@@ -150,7 +115,9 @@ def evaluate_checkpoint(
             raise ConfigError(
                 "--step only applies to orbax checkpoint directories, not to a Hugging Face one"
             )
-        config.model.path = checkpoint
+        settings = dataclasses.replace(
+            settings, model=dataclasses.replace(settings.model, path=checkpoint)
+        )
         tag = os.path.basename(checkpoint)
     else:
         step = _checkpoint_step(checkpoint, step)
@@ -160,33 +127,46 @@ def evaluate_checkpoint(
     os.makedirs(out, exist_ok=True)
 
     # The run's synthetic world (<run>/synthetic) when there is one; else one under ``out``.
-    data = components.load_data(config, run_dir or out, training=False)
-    rows = components.eval_rows(config, data)
+    run = build_run(settings, run_dir or out, training=False)
+    rows = evaluation.eval_rows(run.data.eval, settings.eval)
     if not rows:
         raise ConfigError("no evaluation questions: check eval.split / data.eval_files")
-    toolbox = components.connect_tools(config, data.corpus)
-    model = components.build_policy(config, data.tokenizer)
-    mesh = place_on_mesh(config, model)
+    params = run.initial_params()
     if not hf:
-        restore_params(model, checkpoint, step)  # read straight into the placed shardings
-    search = components.build_eval_search(config, model, data.tokenizer, toolbox, mesh=mesh)
+        params = _restore_params(params, checkpoint, step)  # into the placed shardings
     results = evaluation.evaluate(
-        search,
-        data.tokenizer,
+        run.eval_search,
+        run.rollout_params(params),
+        run.data.tokenizer,
         rows,
-        batch_prompts=config.eval.batch_prompts,
-        reward_mode=config.reward.mode,
+        batch_prompts=settings.eval.batch_prompts,
+        reward=settings.reward,
     )
     results.update(
         checkpoint=checkpoint,
         step=step,
-        eval_split=config.eval.split
-        if config.data.source == "synthetic"
-        else config.data.eval_files,
+        eval_split=str(settings.eval.split)
+        if settings.data.source == DataSource.SYNTHETIC
+        else settings.data.eval_files,
     )
     path = os.path.join(out, f"evaluation_{tag}.json")
     evaluation.save_results(results, path)
     return results, path
+
+
+def _restore_params(params: Any, directory: str, step: int) -> Any:
+    """The ``params`` item of orbax checkpoint ``step``, read into ``params``' shardings."""
+    reader = Checkpointer(directory, read_only=True)
+    try:
+        return reader.restore(step, target={"params": params})["params"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"the parameters of {directory!r} step {step} do not fit the model built from the "
+            "config (model.path / model.random.*); pass the training run's --config overrides "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    finally:
+        reader.close()
 
 
 def main(argv: list[str]) -> None:

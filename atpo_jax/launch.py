@@ -13,14 +13,19 @@ run is single-process.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from atpo_jax import parallel
+from atpo_jax.builder import build_run, default_workdir
 from atpo_jax.cli import parse_flags
+from atpo_jax.config import run_settings
+from atpo_jax.settings import ConfigError
+from atpo_jax.train.evaluation import markdown_table
+from atpo_jax.train.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/search_qa.py", "Path to an ml_collections config file[:variant]."
@@ -54,12 +59,12 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax, XLA backends) at WARNING; our own progress messages at INFO.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("atpo_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("runs", config.variant)
-    from atpo_jax import parallel
-    from atpo_jax.train.components import ConfigError
-    from atpo_jax.train.trainer import Trainer
-
+    try:
+        settings = run_settings(_CONFIG.value)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    workdir = _WORKDIR.value or default_workdir(settings)
     try:
         parallel.initialize(
             {
@@ -74,14 +79,12 @@ def main(argv: list[str]) -> None:
         print(f"distributed setup error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        trainer = Trainer(config, workdir)
-        results = trainer.run(resume=_RESUME.value)
+        trainer = Trainer(build_run(settings, workdir))
+        results = trainer.train(resume=_RESUME.value)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     if results and parallel.is_main_process():
-        from atpo_jax.train.evaluation import markdown_table
-
         print(f"\nHeld-out evaluation after {trainer.step} steps (workdir {workdir}):")
         print(markdown_table(results))
 

@@ -137,7 +137,7 @@ def compile_step(config, mesh, *, mini_rows: int, micro_rows: int, prompt: int, 
     """The compiled update program on ``mesh`` (abstract arguments only); returns it and seconds."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: models.CausalLM(config, rngs=nnx.Rngs(0))))
     params = with_shardings(params, sharding.param_shardings(mesh, params))
-    tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-6))
+    tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-6))
     opt_state = jax.eval_shape(tx.init, params)
     opt_state = with_shardings(opt_state, sharding.param_shardings(mesh, opt_state))
     rows = abstract_rows(mini_rows, prompt, response, mesh)
@@ -250,7 +250,7 @@ def gpu_run(args: argparse.Namespace) -> None:
     model = models.CausalLM(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     params = sharding.shard_params(params, mesh)
-    tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-6))
+    tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-6))
     o_shard = sharding.param_shardings(mesh, jax.eval_shape(tx.init, params))
     opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
     rng = np.random.default_rng(0)

@@ -30,6 +30,7 @@ from atpo_jax.parallel.mesh import (
     resolve_mesh_shape,
 )
 from atpo_jax.parallel.placement import (
+    Placement,
     batch_sharding,
     gather_to_host,
     host_local_copy,
@@ -59,6 +60,7 @@ __all__ = [
     "MESH_AXES",
     "DistributedSettings",
     "MeshSettings",
+    "Placement",
     "UndeclaredAxesError",
     "allgather_concat",
     "allgather_objects",

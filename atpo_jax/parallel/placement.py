@@ -3,6 +3,7 @@ between meshes, and which rows of a batch each process holds."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -127,3 +128,65 @@ def process_batch_block(mesh: Mesh) -> tuple[int, int]:
         )
     size = sizes.pop()
     return blocks[jax.process_index()][0] // size, rows // size
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run's arrays live: the training mesh over every device of every process, the
+    rollout mesh over this process's devices, the parameters' shardings, and this process's
+    block of every batch's rows.
+
+    Attributes:
+      mesh: all devices of all processes.
+      train_mesh: ``mesh``, or None on a single device (programs are then jitted exactly as
+        without a mesh, and stay as fast).
+      rollout_mesh: the devices this process's engines run on (each process rolls out its own
+        prompts): ``mesh`` on one process, its local part otherwise.
+      param_shardings: the parameters' shardings on ``mesh`` (from their declared axes).
+      batch_block, batch_blocks: this process holds block ``batch_block`` of ``batch_blocks``
+        equal contiguous blocks of every batch's rows.
+    """
+
+    mesh: Mesh
+    train_mesh: Mesh | None
+    rollout_mesh: Mesh
+    param_shardings: Any
+    batch_block: int
+    batch_blocks: int
+
+    @classmethod
+    def create(cls, mesh: Mesh, params: Any) -> Placement:
+        """The placement of ``params`` (concrete or abstract) on ``mesh``."""
+        block, blocks = process_batch_block(mesh)
+        return cls(
+            mesh=mesh,
+            train_mesh=mesh if mesh.size > 1 else None,
+            rollout_mesh=mesh if jax.process_count() == 1 else mesh.local_mesh,
+            param_shardings=param_shardings(mesh, params),
+            batch_block=block,
+            batch_blocks=blocks,
+        )
+
+    def place(self, params: Any) -> Any:
+        """``params`` (the same full values on every process) in the parameter shardings."""
+        return place(params, self.param_shardings)
+
+    def canonical(self, params: Any) -> Any:
+        """``params`` back in the parameter shardings (after a program that chose its own)."""
+        return params if self.train_mesh is None else reshard(params, self.param_shardings)
+
+    def state_shardings(self, tree: Any) -> Any:
+        """Shardings of a tree laid out like the parameters (optimizer state), on the mesh."""
+        return param_shardings(self.mesh, tree)
+
+    def for_rollout(self, params: Any) -> Any:
+        """``params`` where this process's engines can use them: the global arrays themselves on
+        one process; a full copy on this process's devices in a multi-process run (a collective)."""
+        if jax.process_count() == 1:
+            return params
+        return host_local_copy(params, self.mesh, self.rollout_mesh)
+
+    def batch(self, rows: Any) -> Any:
+        """This process's rows of a mini-batch as global arrays split over the batch axes (the
+        rows themselves on a single device)."""
+        return rows if self.train_mesh is None else shard_batch(rows, self.mesh)

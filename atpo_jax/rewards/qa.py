@@ -25,9 +25,44 @@ from collections.abc import Iterable
 from atpo_jax.rewards.extract import extract_answer, extract_answer_block, last_boxed
 from atpo_jax.rewards.format import validate_format
 from atpo_jax.rewards.normalize import as_gold_list, exact_match, token_f1
+from atpo_jax.settings import StrEnum, coerce_choices
 
-REWARD_MODES = ("em_format", "em", "f1")
 DEFAULT_PYTHON_BONUS = 0.1
+
+
+class RewardMode(StrEnum):
+    EM_FORMAT = "em_format"  # the paper: -1 malformed, else exact match (+ the python bonus)
+    EM = "em"  # exact match of the extracted answer, no format check
+    F1 = "f1"  # token F1 of the extracted answer
+
+
+REWARD_MODES = tuple(mode.value for mode in RewardMode)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSettings:
+    """The outcome reward (the ``reward`` section of a run's config; ALGORITHM.md §3.1).
+
+    Attributes:
+      mode: ``em_format`` (the paper's −1 / 0 / 1 with format validation), ``em`` or ``f1``.
+      python_bonus: added to a correct ``em_format`` answer whose response used both search and
+        the python tool (the reference: 0.1).
+    """
+
+    mode: RewardMode = RewardMode.EM_FORMAT
+    python_bonus: float = DEFAULT_PYTHON_BONUS
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "reward")
+
+    def score(
+        self, response: str, golds: str | Iterable[str], *, validate: bool = False
+    ) -> RewardResult:
+        """``compute_reward`` with these settings (``validate``: skip the format check, as
+        validation does)."""
+        return compute_reward(
+            response, golds, mode=self.mode, python_bonus=self.python_bonus, validate=validate
+        )
 
 
 @dataclasses.dataclass(frozen=True)

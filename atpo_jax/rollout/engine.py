@@ -14,7 +14,12 @@ Generation runs as a jitted ``while_loop`` on device over chunks of ``decode_chu
 chunks the host reads the new tokens, checks stop strings on their decoded text and drops the tokens
 after a stop. Shapes are bucketed (batch to a power of two, prefill length to a power of two, the
 attended cache length to a multiple of ``kv_bucket``) so a run compiles a small, fixed set of
-programs; :attr:`Engine.compile_count` reports how many.
+programs; :attr:`Engine.compile_count` reports how many distinct ones an engine has used.
+
+The engine holds the model's structure (``nnx.GraphDef``) and the cache, never the weights: every
+call that runs the model takes the parameters (``params``, an ``nnx.State``), so the caller's
+training state stays their only owner and a rollout uses exactly the policy version it is given.
+Cached keys/values computed with other parameters stay as they are.
 
 On a device mesh (``cache_sharding``, see :func:`cache_shardings`) the model's
 parameters are used as they are sharded (for training: the engine is collocated with the trainer)
@@ -234,11 +239,6 @@ _SET_LENGTHS = jax.jit(_set_lengths, static_argnames=("cache_sharding",), donate
 _PROGRAMS = (_PREFILL, _DECODE, _FORCE, _FORK, _SET_LENGTHS)
 
 
-def compiled_program_count() -> int:
-    """Programs compiled so far by all engines of this process (every shape bucket counts once)."""
-    return sum(fn._cache_size() for fn in _PROGRAMS)
-
-
 def cache_shardings(mesh, model_config, num_slots: int, max_len: int) -> KVCache | None:
     """Shardings of an engine's KV-cache pool of ``num_slots`` x ``max_len`` on ``mesh``, from the
     cache's declared logical axes (``KVCache.logical_axes``): slots split over ``("data",
@@ -260,7 +260,8 @@ class Engine:
     """A pool of ``num_slots`` KV-cache slots of ``max_len`` tokens each, and batched generation.
 
     Args:
-      model: the policy LM (its weights are read at construction and by :meth:`set_model`).
+      model: the policy LM; only its structure is kept (an abstract model from
+        ``nnx.eval_shape`` will do). The weights come with each call.
       num_slots: number of sequences the pool holds.
       max_len: maximum tokens per sequence (prompt + response).
       eos_token_ids: token ids that end a generation (kept as the last generated token).
@@ -306,7 +307,8 @@ class Engine:
         self.kv_bucket = kv_bucket
         self._eos = jnp.asarray(sorted(set(int(t) for t in eos_token_ids)), jnp.int32)
         self._matcher = StopStringMatcher(decode, stop_strings) if stop_strings else None
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef = nnx.graphdef(model)
+        self.model_config = model.config
         self.cache_sharding = cache_sharding
         if cache_sharding is None:
             self.cache = init_cache(model.config, num_slots, max_len, cache_dtype)
@@ -319,22 +321,19 @@ class Engine:
         self._prefill, self._decode, self._force, self._fork, self._set_lengths = (
             functools.partial(program, cache_sharding=cache_sharding) for program in _PROGRAMS
         )
+        self._signatures: set[tuple] = set()  # distinct (program, shapes, static args) used
         self.prefill_tokens_computed = 0  # tokens run through the model by prefill/extend
 
     # ------------------------------------------------------------------ slot management
 
-    def set_model(self, model: CausalLM) -> None:
-        """Uses the given model's current weights for future calls (after a training update).
-
-        Cached keys/values computed with the old weights stay as they are (a rollout uses one
-        policy version throughout).
-        """
-        self._graphdef, self._state = nnx.split(model)
-
     @property
     def compile_count(self) -> int:
-        """Programs compiled so far by the engines of this process (see compiled_program_count)."""
-        return compiled_program_count()
+        """Distinct programs (program x shape bucket x static arguments) this engine has run; each
+        is compiled once per process (the jitted programs are shared by all engines)."""
+        return len(self._signatures)
+
+    def _used(self, *signature) -> None:
+        self._signatures.add(signature)
 
     def free_slots(self) -> list[int]:
         return [s for s, seq in enumerate(self._seqs) if seq is None]
@@ -373,27 +372,32 @@ class Engine:
 
     # ------------------------------------------------------------------ writing tokens
 
-    def prefill(self, slot: int, tokens: Sequence[int]) -> None:
-        """Replaces the slot's content with ``tokens`` (e.g. a prompt)."""
-        self.prefill_many([slot], [tokens])
+    def prefill(self, params, slot: int, tokens: Sequence[int]) -> None:
+        """Replaces the slot's content with ``tokens`` (e.g. a prompt), run with ``params``."""
+        self.prefill_many(params, [slot], [tokens])
 
-    def prefill_many(self, slots: Sequence[int], token_lists: Sequence[Sequence[int]]) -> None:
+    def prefill_many(
+        self, params, slots: Sequence[int], token_lists: Sequence[Sequence[int]]
+    ) -> None:
         """Batched :meth:`prefill`."""
         for slot in slots:
             self._seqs[slot] = []
         self._reset_cache_lengths(slots)
-        self.extend_many(slots, token_lists)
+        self.extend_many(params, slots, token_lists)
 
     def _reset_cache_lengths(self, slots: Sequence[int]) -> None:
+        self._used("set_lengths", len(slots))
         self.cache = self._set_lengths(
             self.cache, jnp.asarray(slots, jnp.int32), jnp.zeros(len(slots), jnp.int32)
         )
 
-    def extend(self, slot: int, tokens: Sequence[int]) -> None:
+    def extend(self, params, slot: int, tokens: Sequence[int]) -> None:
         """Appends ``tokens`` (e.g. a tool result) without recomputing the slot's prefix."""
-        self.extend_many([slot], [tokens])
+        self.extend_many(params, [slot], [tokens])
 
-    def extend_many(self, slots: Sequence[int], token_lists: Sequence[Sequence[int]]) -> None:
+    def extend_many(
+        self, params, slots: Sequence[int], token_lists: Sequence[Sequence[int]]
+    ) -> None:
         """Batched :meth:`extend`: one bucketed device call for all slots."""
         if len(slots) != len(token_lists) or len(set(slots)) != len(slots):
             raise ValueError("extend_many: need one token list per slot and distinct slots")
@@ -421,14 +425,16 @@ class Engine:
             tokens[i, : len(w)] = w
             counts[i] = len(w)
         longest = max(len(self._seqs[s]) for s, _ in rows)
+        kv_len = self._kv_bucket(longest)
+        self._used("prefill", batch, width, kv_len)
         self.cache = self._prefill(
             self._graphdef,
-            self._state,
+            params,
             self.cache,
             jnp.asarray(row_slots),
             jnp.asarray(tokens),
             jnp.asarray(counts),
-            kv_len=self._kv_bucket(longest),
+            kv_len=kv_len,
         )
         self.prefill_tokens_computed += int(counts.sum())
 
@@ -448,6 +454,7 @@ class Engine:
             prefixes.append(seq[:length])
         for dst, prefix in zip(dsts, prefixes, strict=True):
             self._seqs[dst] = list(prefix)
+        self._used("fork", len(dsts))
         self.cache = self._fork(
             self.cache,
             jnp.asarray(srcs, jnp.int32),
@@ -461,11 +468,14 @@ class Engine:
         if not 1 <= length <= len(seq):
             raise ValueError(f"truncate: length {length} outside [1, {len(seq)}] for slot {slot}")
         del seq[length:]
+        self._used("set_lengths", 1)
         self.cache = self._set_lengths(
             self.cache, jnp.asarray([slot], jnp.int32), jnp.asarray([length - 1], jnp.int32)
         )
 
-    def force(self, slots: Sequence[int], tokens: Sequence[int]) -> list[tuple[float, float]]:
+    def force(
+        self, params, slots: Sequence[int], tokens: Sequence[int]
+    ) -> list[tuple[float, float]]:
         """Appends one chosen token per slot and scores it like a sampled one.
 
         For tokens the rollout inserts but trains on (the reference's EOS after an empty tool call):
@@ -488,15 +498,17 @@ class Engine:
         for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
             pending[i], forced[i], active[i] = self._seqs[slot][-1], int(token), True
         longest = max(len(self._seqs[s]) for s in slots)
+        kv_len = self._kv_bucket(longest + 1)
+        self._used("force", batch, kv_len, self.sampling)
         self.cache, log_probs, entropies = self._force(
             self._graphdef,
-            self._state,
+            params,
             self.cache,
             jnp.asarray(row_slots),
             jnp.asarray(pending),
             jnp.asarray(forced),
             jnp.asarray(active),
-            kv_len=self._kv_bucket(longest + 1),
+            kv_len=kv_len,
             sampling=self.sampling,
         )
         log_probs, entropies = jax.device_get((log_probs, entropies))
@@ -509,11 +521,12 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     def generate(
-        self, slots: Sequence[int], budgets: Sequence[int], rng: jax.Array
+        self, params, slots: Sequence[int], budgets: Sequence[int], rng: jax.Array
     ) -> list[Generation]:
         """Generates for all ``slots`` together until each hits EOS, a stop string or its budget.
 
         Args:
+          params: the policy's parameters (``nnx.State``) to decode with.
           slots: distinct allocated, non-empty slots.
           budgets: maximum new tokens per slot (a slot never exceeds its own budget; the cache
             length also bounds it: a slot that fills ``max_len`` ends with reason ``length``).
@@ -553,9 +566,11 @@ class Engine:
                 is_active[i] = True
             steps = self.decode_chunk
             longest = max(len(self._seqs[s]) for s in active)
+            kv_len = self._kv_bucket(longest + steps)
+            self._used("decode", batch, steps, kv_len, self.sampling)
             self.cache, _, tok, lp, ent, count, finish = self._decode(
                 self._graphdef,
-                self._state,
+                params,
                 self.cache,
                 jnp.asarray(row_slots),
                 jnp.asarray(pending),
@@ -564,7 +579,7 @@ class Engine:
                 row_keys,
                 self._eos,
                 steps=steps,
-                kv_len=self._kv_bucket(longest + steps),
+                kv_len=kv_len,
                 sampling=self.sampling,
             )
             tok, lp, ent, count, finish = jax.device_get((tok, lp, ent, count, finish))
@@ -598,6 +613,7 @@ class Engine:
                 elif finish[i] == _LENGTH or remaining[slot] <= 0:
                     del remaining[slot]
             if truncations:
+                self._used("set_lengths", len(truncations))
                 self.cache = self._set_lengths(
                     self.cache,
                     jnp.asarray(truncations, jnp.int32),

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from atpo_jax.rollout.batch import RowInfo
+from atpo_jax.rollout.pack import RowInfo
 from atpo_jax.rollout.tree import Tree
 
 

@@ -32,8 +32,7 @@ class Node:
       finish: why the node's turn ended: ``tool`` (successful call; the node has a child), ``eos``,
         ``stop`` (a stop token), ``length``, ``tool_failure``, ``empty_call``, ``no_room``.
       entropy: the node's branching signal (set when its turn ends).
-      slot: engine slot holding (a prefix-extension of) the node's sequence.
-      seq_end: length of the full sequence (prompt + response) at the end of this node.
+      start: where the node's tokens begin in its row's response (its parent's end).
       query, query_tag: the tool input and tag of the call that ended the turn, if any.
       piece_start: index in ``tokens`` where the current generation piece starts (after the last
         inserted text); the tool call is parsed from this piece only.
@@ -53,8 +52,7 @@ class Node:
     is_leaf: bool = False
     finish: str = ""
     entropy: float = 0.0
-    slot: int = -1
-    seq_end: int = 0
+    start: int = 0
     query: str | None = None
     query_tag: str | None = None
     piece_start: int = 0
@@ -73,6 +71,11 @@ class Node:
         """Number of policy-sampled tokens in the node."""
         return int(sum(self.loss_mask))
 
+    @property
+    def end(self) -> int:
+        """Where the node's tokens end in its row's response: the row's length so far."""
+        return self.start + len(self.tokens)
+
 
 @dataclasses.dataclass
 class Tree:
@@ -88,7 +91,7 @@ class Tree:
 
     def __post_init__(self) -> None:
         if not self.nodes:
-            self.nodes.append(Node(index=0, parent=-1, depth=0, seq_end=len(self.prompt)))
+            self.nodes.append(Node(index=0, parent=-1, depth=0))
 
     @property
     def root(self) -> Node:
@@ -127,7 +130,8 @@ class Tree:
         return path[::-1]
 
     def response_length(self, index: int) -> int:
-        return self.nodes[index].seq_end - len(self.prompt)
+        """Response tokens of the row that ends at node ``index`` so far."""
+        return self.nodes[index].end
 
     def remove_leaf(self, index: int) -> None:
         """Removes a leaf and then every ancestor left without children (never the root).

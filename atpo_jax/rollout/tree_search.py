@@ -6,11 +6,14 @@ random) and each pick gets a sibling branch that keeps the pick's observation an
 whole turn, run to completion. Every chain ends in exactly one leaf, so a tree has
 ``initial_rollouts + expansion_iterations × beam_size`` leaves.
 
-Host/device split: all active nodes of all trees generate together in one batched engine call per
-turn; the host applies the turn rules (tool call, call limit, EOS, length), runs the round's tool
-calls concurrently, and appends observations with ``Engine.extend``. Branches start with
-``Engine.fork`` from any slot holding the pick's prefix (a chain keeps its slot until the end of the
-rollout, and a node's slot always holds its prefix), so nothing is re-prefilled.
+Host/device split: all active chains of all trees generate together in one batched engine call per
+turn; the turn rules (``rollout.turn_rules``: tool call, call limit, EOS, length) decide each
+node's fate as a :class:`~atpo_jax.rollout.turn_rules.Decision` that this loop applies; the
+round's tool calls run concurrently, and observations are appended with ``Engine.extend_many``.
+Branches start with ``Engine.fork_many`` from the slot holding the pick's prefix (a chain keeps its
+slot until the end of the wave, and a node's slot always holds its prefix), so nothing is
+re-prefilled. The tree records only the turns' content; which slot holds which chain is this
+loop's bookkeeping (:class:`Chain`).
 
 Trees are processed in waves sized so that a wave fits the engine's slots (a tree needs one slot for
 its prompt and one per chain).
@@ -25,114 +28,60 @@ import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from atpo_jax import kernels
-from atpo_jax.rollout.batch import RolloutBatch, RowInfo, build_rollout_batch
+from atpo_jax.rollout import turn_rules
 from atpo_jax.rollout.engine import Engine, Generation
+from atpo_jax.rollout.pack import (
+    NodeOrder,
+    RowArrays,
+    RowInfo,
+    TreeArrays,
+    pack_rollout,
+    pack_trees,
+)
+from atpo_jax.rollout.settings import EntropyEstimator, ExpansionMode, RolloutSettings
 from atpo_jax.rollout.stats import RolloutStats, rollout_metrics
 from atpo_jax.rollout.tree import Node, Tree, fix_leaf_count
+from atpo_jax.rollout.turn_rules import TOOL_FAILURE_TEXT, Decision, Outcome
 from atpo_jax.tools.base import ToolResult
-from atpo_jax.tools.parsing import TurnAction, decide_turn
-from atpo_jax.tools.passages import format_observation
 from atpo_jax.tools.toolbox import Toolbox
 
-ROLLOUT_MODES = ("tree", "chain")
-EXPANSION_MODES = ("entropy", "random")
-ENTROPY_ESTIMATORS = ("sampled_nll", "exact")
-EMPTY_CALL_RULES = ("eos", "leaf")
-TOOL_FAILURE_RULES = ("leaf", "error_text")
-# What the reference's chain rollout inserts after a failed tool call (ALGORITHM.md §1.4).
-TOOL_FAILURE_TEXT = "Tool(search) returned empty output."
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """Tree-rollout settings; defaults are the paper's (ALGORITHM.md §5).
-
-    Attributes:
-      mode: ``tree`` (AT²PO) or ``chain`` (``samples_per_tree`` independent chains per prompt, the
-        GRPO baselines).
-      initial_rollouts, expansion_iterations, beam_size: the tree shape (I, E, B).
-      samples_per_tree: leaves kept per tree (pruned or duplicated if I + E·B differs).
-      expansion_mode: ``entropy`` or ``random``.
-      expansion_penalty: α in score = entropy − α · siblings.
-      entropy_estimator: ``sampled_nll`` (mean NLL of the turn's sampled tokens, the paper) or
-        ``exact`` (mean exact entropy of the sampling distribution).
-      max_prompt_len, max_response_len: token limits (the response budget is per row).
-      call_limit: tool calls per chain; later calls get a masked warning and generation continues.
-      observation_margin: tool results are cut to leave this many response tokens (reference: 100).
-      empty_call: ``eos`` (reference: append EOS with loss mask 1, leaf) or ``leaf`` (just end).
-      tool_failure: ``leaf`` (reference tree rollout: end after the closing tag) or ``error_text``
-        (reference chain rollout: insert a failure note as the observation and continue).
-      tool_timeout_s: per-call deadline for a tool before it counts as failed.
-      tool_workers: concurrent tool calls.
-      seed: root of all randomness.
-    """
-
-    mode: str = "tree"
-    initial_rollouts: int = 10
-    expansion_iterations: int = 2
-    beam_size: int = 6
-    samples_per_tree: int = 22
-    expansion_mode: str = "entropy"
-    expansion_penalty: float = 0.05
-    entropy_estimator: str = "sampled_nll"
-    max_prompt_len: int = 2000
-    max_response_len: int = 6192
-    call_limit: int = 6
-    observation_margin: int = 100
-    empty_call: str = "eos"
-    tool_failure: str = "leaf"
-    tool_timeout_s: float = 120.0
-    tool_workers: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, value, choices in (
-            ("mode", self.mode, ROLLOUT_MODES),
-            ("expansion_mode", self.expansion_mode, EXPANSION_MODES),
-            ("entropy_estimator", self.entropy_estimator, ENTROPY_ESTIMATORS),
-            ("empty_call", self.empty_call, EMPTY_CALL_RULES),
-            ("tool_failure", self.tool_failure, TOOL_FAILURE_RULES),
-        ):
-            if value not in choices:
-                raise ValueError(f"rollout.{name}={value!r} is not one of {', '.join(choices)}")
-        for name in ("initial_rollouts", "samples_per_tree", "max_prompt_len", "max_response_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("expansion_iterations", "beam_size", "call_limit", "observation_margin"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"rollout.{name} must be >= 0, got {getattr(self, name)}")
-
-    @property
-    def initial_chains(self) -> int:
-        """Chains started from the prompt before any expansion."""
-        return self.samples_per_tree if self.mode == "chain" else self.initial_rollouts
-
-    @property
-    def chains_per_tree(self) -> int:
-        """Chains (hence leaves) a tree grows before pruning/duplication."""
-        if self.mode == "chain":
-            return self.samples_per_tree
-        return self.initial_rollouts + self.expansion_iterations * self.beam_size
-
-    @property
-    def rounds(self) -> int:
-        return 0 if self.mode == "chain" else self.expansion_iterations
+__all__ = ["TOOL_FAILURE_TEXT", "Chain", "Rollout", "TreeSearch"]
 
 
 @dataclasses.dataclass
 class Rollout:
-    """A finished rollout: device-ready arrays plus what the host needs for rewards and logging."""
+    """A finished rollout: device-ready arrays plus what the host needs for rewards and logging.
 
-    batch: RolloutBatch
+    Attributes:
+      nodes: the trees' nodes, [B, N] (creation order).
+      rows: the leaf rows, [B·S, R].
+      trees: the host trees.
+      row_info: per row, its tree, leaf, length, tool calls and finish reason.
+      texts: each row's response decoded with special tokens skipped (the reward's input).
+      metrics: ``rollout/*`` and ``time/*`` scalars.
+    """
+
+    nodes: TreeArrays
+    rows: RowArrays
     trees: list[Tree]
-    rows: list[RowInfo]
-    texts: list[str]  # each row's response decoded with special tokens skipped (the reward's input)
+    row_info: list[RowInfo]
+    texts: list[str]
     metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class Chain:
+    """A node that is still growing and the engine slot holding its sequence."""
+
+    tree: Tree
+    node: Node
+    slot: int
 
 
 class TreeSearch:
@@ -142,7 +91,9 @@ class TreeSearch:
       engine: generation engine whose stop strings are the toolbox's closing tags.
       tokenizer: HF tokenizer (``encode`` for observations, ``decode`` for tool-call parsing).
       toolbox: the tools (``toolbox.tags`` are the tool tags).
-      config: the rollout settings.
+      settings: the rollout settings.
+      seed: root of all randomness.
+      tool_timeout_s: per-call deadline for a tool before it counts as failed.
       eos_token_id: the id appended after an empty tool call (rule ``empty_call='eos'``).
       pad_token_id: the id that pads the rows of the batch.
     """
@@ -150,38 +101,47 @@ class TreeSearch:
     def __init__(
         self,
         engine: Engine,
-        tokenizer,
+        tokenizer: Any,
         toolbox: Toolbox,
-        config: RolloutConfig,
+        settings: RolloutSettings,
         *,
         eos_token_id: int,
         pad_token_id: int = 0,
+        seed: int = 0,
+        tool_timeout_s: float = 120.0,
     ):
         self.engine = engine
         self.pad_token_id = int(pad_token_id)
         self.tokenizer = tokenizer
         self.toolbox = toolbox
-        self.config = config
+        self.settings = settings
+        self.seed = seed
+        self.tool_timeout_s = tool_timeout_s
         self.eos_token_id = int(eos_token_id)
         self._encode_cache: dict[str, list[int]] = {}
-        self.slots_per_tree = 1 + config.chains_per_tree
+        self.slots_per_tree = 1 + settings.chains_per_tree
         if self.slots_per_tree > engine.num_slots:
             raise ValueError(
                 f"one tree needs {self.slots_per_tree} engine slots (1 + chains per tree) but the "
                 f"engine has {engine.num_slots}; raise rollout.num_slots"
             )
-        needed = config.max_prompt_len + config.max_response_len
-        if needed > engine.max_len:
+        if settings.max_len > engine.max_len:
             raise ValueError(
-                f"engine max_len {engine.max_len} < rollout.max_prompt_len + max_response_len = {needed}"
+                f"engine max_len {engine.max_len} < rollout.max_prompt_len + max_response_len = "
+                f"{settings.max_len}"
             )
 
     # ------------------------------------------------------------------ public
 
     def run(
-        self, prompts: Sequence[Sequence[int]], step: int, tree_ids: Sequence[int] | None = None
+        self,
+        params: Any,
+        prompts: Sequence[Sequence[int]],
+        step: int,
+        tree_ids: Sequence[int] | None = None,
     ) -> tuple[list[Tree], RolloutStats]:
-        """Grows one tree per prompt (token ids, chat template applied) for training step ``step``.
+        """Grows one tree per prompt (token ids, chat template applied) for training step ``step``
+        with the policy ``params`` (an ``nnx.State``; every generation of the rollout uses it).
 
         ``tree_ids`` (default 0..B-1) name the trees in the random keys; multi-host runs pass global
         prompt indices so results do not depend on how prompts are split over hosts. Every returned
@@ -194,48 +154,50 @@ class TreeSearch:
             for t, p in zip(tree_ids, prompts, strict=True)
         ]
         for tree in trees:
-            if len(tree.prompt) > self.config.max_prompt_len:
+            if len(tree.prompt) > self.settings.max_prompt_len:
                 raise ValueError(
                     f"prompt {tree.tree_id} has {len(tree.prompt)} tokens > rollout.max_prompt_len="
-                    f"{self.config.max_prompt_len}"
+                    f"{self.settings.max_prompt_len}"
                 )
         wave = max(1, self.engine.num_slots // self.slots_per_tree)
         for start in range(0, len(trees), wave):
-            self._run_wave(trees[start : start + wave], step, stats)
+            _Wave(self, params, step, stats).run(trees[start : start + wave])
         for tree in trees:
-            fix_leaf_count(tree, self.config.samples_per_tree, self._tree_rng(step, tree, "prune"))
+            fix_leaf_count(tree, self.settings.samples_per_tree, self.tree_rng(step, tree, "prune"))
         return trees, stats
 
     def rollout(
-        self, prompts: Sequence[Sequence[int]], step: int, tree_ids: Sequence[int] | None = None
+        self,
+        params: Any,
+        prompts: Sequence[Sequence[int]],
+        step: int,
+        tree_ids: Sequence[int] | None = None,
     ) -> Rollout:
-        """:meth:`run` plus the padded :class:`RolloutBatch`, decoded responses and metrics."""
-        trees, stats = self.run(prompts, step, tree_ids)
-        batch, rows = build_rollout_batch(
+        """:meth:`run` plus the packed arrays, decoded responses and metrics."""
+        trees, stats = self.run(params, prompts, step, tree_ids)
+        nodes, rows, info = pack_rollout(
             trees,
-            samples_per_tree=self.config.samples_per_tree,
-            max_prompt_len=self.config.max_prompt_len,
-            max_response_len=self.config.max_response_len,
+            samples_per_tree=self.settings.samples_per_tree,
+            max_prompt_len=self.settings.max_prompt_len,
+            max_response_len=self.settings.max_response_len,
             pad_id=self.pad_token_id,
         )
         texts = [
             self.tokenizer.decode(tokens[: row.length].tolist(), skip_special_tokens=True)
-            for tokens, row in zip(batch.response_tokens, rows, strict=True)
+            for tokens, row in zip(rows.response_tokens, info, strict=True)
         ]
-        return Rollout(batch, trees, rows, texts, rollout_metrics(trees, rows, stats))
+        return Rollout(nodes, rows, trees, info, texts, rollout_metrics(trees, info, stats))
 
     # ------------------------------------------------------------------ keys
 
     def _tree_key(self, step: int, tree: Tree) -> jax.Array:
-        key = jax.random.fold_in(jax.random.key(self.config.seed), step)
+        key = jax.random.fold_in(jax.random.key(self.seed), step)
         return jax.random.fold_in(key, tree.tree_id)
 
-    def _node_key(self, step: int, tree: Tree, node: Node) -> jax.Array:
+    def node_key(self, step: int, tree: Tree, node: Node) -> jax.Array:
         return jax.random.fold_in(self._tree_key(step, tree), node.index)
 
-    def _tree_rng(
-        self, step: int, tree: Tree, purpose: str, round_: int = 0
-    ) -> np.random.Generator:
+    def tree_rng(self, step: int, tree: Tree, purpose: str, round_: int = 0) -> np.random.Generator:
         """A NumPy generator for host-side choices (random expansion, pruning) of one tree."""
         salt = {"expand": 1, "prune": 2}[purpose]
         key = jax.random.fold_in(
@@ -243,40 +205,64 @@ class TreeSearch:
         )
         return np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
 
-    # ------------------------------------------------------------------ one wave of trees
+    def encode(self, text: str) -> list[int]:
+        if text not in self._encode_cache:
+            self._encode_cache[text] = list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._encode_cache[text]
 
-    def _run_wave(self, trees: list[Tree], step: int, stats: RolloutStats) -> None:
-        engine = self.engine
-        root_slots = engine.allocate(len(trees))
-        engine.prefill_many(root_slots, [t.prompt for t in trees])
-        active: list[tuple[Tree, Node]] = []
+
+class _Wave:
+    """One wave of trees: their slots, their growth, and the slots' release."""
+
+    def __init__(self, search: TreeSearch, params: Any, step: int, stats: RolloutStats):
+        self.search, self.engine, self.settings = search, search.engine, search.settings
+        self.params, self.step, self.stats = params, step, stats
+        self.slot_of: dict[int, int] = {}  # id(node) -> the slot holding its prefix
+        self.allocated: list[int] = []
+
+    def _allocate(self, count: int) -> list[int]:
+        slots = self.engine.allocate(count)
+        self.allocated += slots
+        return slots
+
+    def _chain(self, tree: Tree, node: Node, slot: int) -> Chain:
+        self.slot_of[id(node)] = slot
+        return Chain(tree, node, slot)
+
+    def run(self, trees: list[Tree]) -> None:
+        engine, settings = self.engine, self.settings
+        root_slots = self._allocate(len(trees))
+        engine.prefill_many(self.params, root_slots, [t.prompt for t in trees])
+        active: list[Chain] = []
         srcs, dsts, lengths = [], [], []
-        chain_slots = iter(engine.allocate(len(trees) * self.config.initial_chains))
+        chain_slots = iter(self._allocate(len(trees) * settings.initial_chains))
         for tree, root_slot in zip(trees, root_slots, strict=True):
-            tree.root.slot = root_slot
-            for _ in range(self.config.initial_chains):
-                node = tree.add_child(0, depth=0, slot=next(chain_slots), seq_end=len(tree.prompt))
+            self.slot_of[id(tree.root)] = root_slot
+            for _ in range(settings.initial_chains):
+                chain = self._chain(tree, tree.add_child(0, depth=0), next(chain_slots))
                 srcs.append(root_slot)
-                dsts.append(node.slot)
+                dsts.append(chain.slot)
                 lengths.append(len(tree.prompt))
-                active.append((tree, node))
+                active.append(chain)
         engine.fork_many(srcs, dsts, lengths)
-        self._grow(active, step, stats)
-        for round_ in range(self.config.rounds):
-            self._grow(self._expand(trees, step, round_, stats), step, stats)
-        engine.release([n.slot for t in trees for n in t.nodes if n.slot >= 0 and _owns_slot(t, n)])
+        self._grow(active)
+        for round_ in range(settings.rounds):
+            self._grow(self._expand(trees, round_))
+        engine.release(self.allocated)
 
-    def _expand(self, trees: list[Tree], step: int, round_: int, stats: RolloutStats):
+    # ------------------------------------------------------------------ expansion
+
+    def _expand(self, trees: list[Tree], round_: int) -> list[Chain]:
         """Picks ``beam_size`` nodes per tree and creates one re-sampling branch per pick."""
-        picks_per_tree = self._pick(trees, step, round_)
+        picks_per_tree = self._pick(trees, round_)
         active, srcs, dsts, lengths = [], [], [], []
-        new_slots = iter(self.engine.allocate(sum(len(p) for p in picks_per_tree)))
+        new_slots = iter(self._allocate(sum(len(p) for p in picks_per_tree)))
         for tree, picks in zip(trees, picks_per_tree, strict=True):
             tree.picks.append(list(picks))
             tree.round_sizes.append(len(tree.nodes))
             for index in picks:
                 picked = tree.nodes[index]
-                stats.picks_by_depth[picked.depth] += 1
+                self.stats.picks_by_depth[picked.depth] += 1
                 # The branch is a sibling of the pick (a fresh chain when the pick is the root) that
                 # keeps the pick's observation and re-samples its whole turn.
                 parent = tree.root if index == 0 else tree.nodes[picked.parent]
@@ -288,51 +274,37 @@ class TreeSearch:
                     calls_at_start=picked.calls_at_start,
                     calls_made=picked.calls_at_start,
                     entropy=picked.entropy,
-                    slot=next(new_slots),
-                    seq_end=parent.seq_end + len(obs),
+                    start=parent.end,
                     piece_start=len(obs),
                     branch_of=index,
                 )
                 branch.append(obs, 0)
-                srcs.append(picked.slot)
-                dsts.append(branch.slot)
-                lengths.append(branch.seq_end)
-                active.append((tree, branch))
+                chain = self._chain(tree, branch, next(new_slots))
+                srcs.append(self.slot_of[id(picked)])
+                dsts.append(chain.slot)
+                lengths.append(len(tree.prompt) + branch.end)
+                active.append(chain)
         self.engine.fork_many(srcs, dsts, lengths)
         return active
 
-    def _pick(self, trees: list[Tree], step: int, round_: int) -> list[list[int]]:
-        cfg = self.config
-        orders = [t.bfs_order() for t in trees]
-        if cfg.expansion_mode == "random":
+    def _pick(self, trees: list[Tree], round_: int) -> list[list[int]]:
+        settings, search = self.settings, self.search
+        if settings.expansion_mode == ExpansionMode.RANDOM:
             picks = []
-            for tree, order in zip(trees, orders, strict=True):
-                candidates = [i for i in order if not tree.nodes[i].is_leaf]
-                rng = self._tree_rng(step, tree, "expand", round_)
-                replace = len(candidates) < cfg.beam_size
-                picks.append(rng.choice(candidates, cfg.beam_size, replace=replace).tolist())
             for tree in trees:
+                candidates = [i for i in tree.bfs_order() if not tree.nodes[i].is_leaf]
+                rng = search.tree_rng(self.step, tree, "expand", round_)
+                replace = len(candidates) < settings.beam_size
+                picks.append(rng.choice(candidates, settings.beam_size, replace=replace).tolist())
                 tree.scores.append({})
             return picks
         # Entropy mode: the selection kernel on the trees in BFS order, so equal scores keep the
         # reference's BFS order (root first); picks are mapped back to creation indices.
-        num_nodes = -(-max(len(o) for o in orders) // 16) * 16  # few shapes -> few compiles
-        shape = (len(trees), num_nodes)
-        parent = np.full(shape, -1, np.int32)
-        is_leaf = np.zeros(shape, bool)
-        valid = np.zeros(shape, bool)
-        entropy = np.zeros(shape, np.float32)
-        for b, (tree, order) in enumerate(zip(trees, orders, strict=True)):
-            position = {index: k for k, index in enumerate(order)}
-            for k, index in enumerate(order):
-                node = tree.nodes[index]
-                parent[b, k] = -1 if node.parent < 0 else position[node.parent]
-                is_leaf[b, k] = node.is_leaf
-                valid[b, k] = True
-                entropy[b, k] = node.entropy
-        kw = dict(penalty=cfg.expansion_penalty)
-        scores = np.asarray(_scores(parent, is_leaf, entropy, valid, **kw))
-        chosen = np.asarray(_select(parent, is_leaf, entropy, valid, k=cfg.beam_size, **kw))
+        nodes, orders = pack_trees(trees, order=NodeOrder.BFS)
+        args = (nodes.parent, nodes.is_leaf, nodes.entropy, nodes.valid)
+        penalty = settings.expansion_penalty
+        scores = np.asarray(_scores(*args, penalty=penalty))
+        chosen = np.asarray(_select(*args, k=settings.beam_size, penalty=penalty))
         picks = []
         for b, (tree, order) in enumerate(zip(trees, orders, strict=True)):
             tree.scores.append(
@@ -347,172 +319,139 @@ class TreeSearch:
 
     # ------------------------------------------------------------------ growing chains
 
-    def _grow(self, active: list[tuple[Tree, Node]], step: int, stats: RolloutStats) -> None:
+    def _grow(self, active: list[Chain]) -> None:
         """Generates, applies the turn rules and runs tools until every chain has its leaf."""
-        cfg = self.config
+        search, engine, settings, stats = self.search, self.engine, self.settings, self.stats
         while active:
             started = time.perf_counter()
-            budgets = [cfg.max_response_len - t.response_length(n.index) for t, n in active]
-            keys = jax.numpy.stack([self._node_key(step, t, n) for t, n in active])
-            gens = self.engine.generate([n.slot for _, n in active], budgets, keys)
+            budgets = [settings.max_response_len - c.node.end for c in active]
+            keys = jax.numpy.stack([search.node_key(self.step, c.tree, c.node) for c in active])
+            gens = engine.generate(self.params, [c.slot for c in active], budgets, keys)
             stats.generate_seconds += time.perf_counter() - started
             stats.generate_calls += 1
             continuing, calls, extends, forced = [], [], [], []
-            for (tree, node), gen in zip(active, gens, strict=True):
+            for chain, gen in zip(active, gens, strict=True):
                 stats.generated_tokens += len(gen.tokens)
+                node = chain.node
                 self._record_generation(node, gen)
-                outcome = self._after_generation(tree, node, gen, stats, extends, forced)
-                if outcome == "continue":
-                    continuing.append((tree, node))
-                elif outcome == "call":
-                    calls.append((tree, node))
+                decision = turn_rules.after_generation(
+                    finish_reason=gen.finish_reason,
+                    stop_string=gen.stop_string,
+                    piece_text=search.tokenizer.decode(node.tokens[node.piece_start :])
+                    if gen.finish_reason == "stop"
+                    else "",
+                    calls_made=node.calls_made,
+                    response_length=node.end,
+                    settings=settings,
+                    tool_tags=search.toolbox.tags,
+                    encode=search.encode,
+                )
+                self._count(decision)
+                node.calls_made = decision.calls_made
+                if decision.outcome == Outcome.CALL:
+                    node.query, node.query_tag = decision.query, decision.tag
+                    calls.append(chain)
+                elif decision.outcome == Outcome.CONTINUE:
+                    node.append(decision.tokens, 0)
+                    node.piece_start = len(node.tokens)
+                    extends.append((chain.slot, list(decision.tokens)))
+                    continuing.append(chain)
+                else:
+                    self._end(node, decision)
+                    if decision.force_eos:
+                        forced.append(chain)
             started = time.perf_counter()
-            results = self._run_tools([(n.query_tag, n.query) for _, n in calls], stats)
+            results = self._run_tools([(c.node.query_tag, c.node.query) for c in calls])
             stats.tool_seconds += time.perf_counter() - started
             children = []
-            for (tree, node), result in zip(calls, results, strict=True):
-                child = self._after_tool(tree, node, result, stats, extends)
-                if child is not None:
-                    children.append((tree, child))
+            for chain, result in zip(calls, results, strict=True):
+                stats.tool_failures += not result.ok
+                node = chain.node
+                decision = turn_rules.after_tool(
+                    result=result,
+                    calls_made=node.calls_made,
+                    response_length=node.end,
+                    settings=settings,
+                    encode=search.encode,
+                )
+                if decision.outcome == Outcome.LEAF:
+                    self._end(node, decision)
+                    continue
+                node.finish = decision.finish
+                child = chain.tree.add_child(
+                    node.index,
+                    depth=node.depth + 1,
+                    obs_len=len(decision.tokens),
+                    calls_at_start=node.calls_made,
+                    calls_made=node.calls_made,
+                    entropy=node.entropy,  # a child cut before it generates keeps this signal
+                    start=node.end,
+                    piece_start=len(decision.tokens),
+                )
+                child.append(decision.tokens, 0)
+                extends.append((chain.slot, list(decision.tokens)))
+                children.append(self._chain(chain.tree, child, chain.slot))
             if forced:
                 # The reference trains an EOS after an empty tool call; score it as if sampled so
                 # its behaviour log-prob is known like every other trained token's.
-                scored = self.engine.force(
-                    [n.slot for n in forced], [self.eos_token_id] * len(forced)
-                )
-                for node, (log_prob, entropy) in zip(forced, scored, strict=True):
-                    node.append([self.eos_token_id], 1, [log_prob], [entropy])
+                eos = search.eos_token_id
+                scored = engine.force(self.params, [c.slot for c in forced], [eos] * len(forced))
+                for chain, (log_prob, entropy) in zip(forced, scored, strict=True):
+                    chain.node.append([eos], 1, [log_prob], [entropy])
             if extends:
-                self.engine.extend_many([s for s, _ in extends], [t for _, t in extends])
-            for _, node in continuing + children:
-                node.seq_end = self.engine.length(node.slot)
-            active = [
-                (t, n) for t, n in continuing + children if not self._out_of_room(t, n, stats)
-            ]
+                engine.extend_many(
+                    self.params, [slot for slot, _ in extends], [t for _, t in extends]
+                )
+            active = []
+            for chain in continuing + children:
+                decision = turn_rules.out_of_room(
+                    response_length=chain.node.end,
+                    calls_made=chain.node.calls_made,
+                    settings=settings,
+                )
+                if decision.outcome == Outcome.LEAF:
+                    self._count(decision)
+                    self._end(chain.node, decision)
+                else:
+                    active.append(chain)
 
     def _record_generation(self, node: Node, gen: Generation) -> None:
         node.append(gen.tokens, 1, gen.log_probs, gen.entropies)
-        node.seq_end = self.engine.length(node.slot)
         # The branching signal averages over every token the node's turn sampled so far.
         sampled = [i for i, m in enumerate(node.loss_mask) if m and i >= node.obs_len]
         if sampled:
-            source = (
-                node.log_probs if self.config.entropy_estimator == "sampled_nll" else node.entropies
-            )
-            values = [source[i] for i in sampled]
-            sign = -1.0 if self.config.entropy_estimator == "sampled_nll" else 1.0
-            node.entropy = sign * float(np.mean(values))
+            nll = self.settings.entropy_estimator == EntropyEstimator.SAMPLED_NLL
+            source = node.log_probs if nll else node.entropies
+            node.entropy = (-1.0 if nll else 1.0) * float(np.mean([source[i] for i in sampled]))
 
-    def _after_generation(
-        self, tree: Tree, node: Node, gen: Generation, stats, extends, forced
-    ) -> str:
-        """Applies ALGORITHM.md §1.3; returns ``leaf``, ``continue`` or ``call``."""
-        cfg = self.config
-        if gen.finish_reason == "stop":
-            piece = self.tokenizer.decode(node.tokens[node.piece_start :])
-            decision = decide_turn(
-                piece,
-                gen.stop_string,
-                tool_tags=self.toolbox.tags,
-                calls_made=node.calls_made,
-                call_limit=cfg.call_limit,
-            )
-            if decision.action is TurnAction.CALL:
-                node.calls_made = decision.calls_made
-                node.query, node.query_tag = decision.query, decision.tag
-                return "call"
-            if decision.action is TurnAction.EMPTY_CALL:
-                stats.empty_calls += 1
-                node.calls_made = decision.calls_made
-                if (
-                    cfg.empty_call == "eos"
-                    and tree.response_length(node.index) < cfg.max_response_len
-                ):
-                    forced.append(node)
-                return self._make_leaf(node, "empty_call")
-            if decision.action is TurnAction.CALL_LIMIT:
-                stats.call_limit_hits += 1
-                warning = self._encode(decision.insert_text)
-                room = cfg.max_response_len - tree.response_length(node.index)
-                if len(warning) >= room:
-                    return self._make_leaf(node, "length")
-                node.append(warning, 0)
-                node.piece_start = len(node.tokens)
-                extends.append((node.slot, warning))
-                return "continue"
-            return self._make_leaf(node, "stop")
-        if gen.finish_reason == "eos":
-            return self._make_leaf(node, "eos")
-        stats.truncated += 1
-        return self._make_leaf(node, "length")
-
-    def _after_tool(
-        self, tree: Tree, node: Node, result: ToolResult, stats, extends
-    ) -> Node | None:
-        """Creates the tool child (observation + next turn) or ends the chain on failure."""
-        cfg = self.config
-        if not result.ok:
-            stats.tool_failures += 1
-            if cfg.tool_failure == "leaf":
-                self._make_leaf(node, "tool_failure")
-                return None
-            text = TOOL_FAILURE_TEXT
-        else:
-            text = result.text
-        obs = self._encode(format_observation(text))
-        room = cfg.max_response_len - tree.response_length(node.index)
-        if len(obs) > room:
-            # As the reference: an observation that does not fit is cut to leave a margin for the
-            # answer; with no room at all the chain ends here.
-            obs = obs[: max(0, room - cfg.observation_margin)]
-        if not obs:
-            self._make_leaf(node, "no_room")
-            return None
-        node.finish = "tool"
-        child = tree.add_child(
-            node.index,
-            depth=node.depth + 1,
-            obs_len=len(obs),
-            calls_at_start=node.calls_made,
-            calls_made=node.calls_made,
-            entropy=node.entropy,  # a child cut before it generates keeps its parent's signal
-            slot=node.slot,
-            piece_start=len(obs),
-        )
-        child.append(obs, 0)
-        extends.append((node.slot, obs))
-        return child
-
-    def _out_of_room(self, tree: Tree, node: Node, stats: RolloutStats) -> bool:
-        if tree.response_length(node.index) >= self.config.max_response_len:
-            stats.truncated += 1
-            self._make_leaf(node, "length")
-            return True
-        return False
+    def _count(self, decision: Decision) -> None:
+        self.stats.empty_calls += decision.finish == turn_rules.Finish.EMPTY_CALL
+        self.stats.call_limit_hits += decision.call_limit_hit
+        self.stats.truncated += decision.truncated
 
     @staticmethod
-    def _make_leaf(node: Node, finish: str) -> str:
+    def _end(node: Node, decision: Decision) -> None:
         node.is_leaf = True
-        node.finish = finish
-        return "leaf"
+        node.finish = decision.finish
 
-    def _run_tools(self, calls: list[tuple[str, str]], stats: RolloutStats) -> list[ToolResult]:
+    def _run_tools(self, calls: list[tuple[str, str]]) -> list[ToolResult]:
         """Runs the round's tool calls concurrently; a call past its deadline counts as failed."""
         if not calls:
             return []
-        stats.tool_calls += len(calls)
+        self.stats.tool_calls += len(calls)
         pool = concurrent.futures.ThreadPoolExecutor(
-            min(self.config.tool_workers, len(calls)), thread_name_prefix="rollout-tool"
+            min(self.settings.tool_workers, len(calls)), thread_name_prefix="rollout-tool"
         )
+        toolbox = self.search.toolbox
         try:
-            futures = [pool.submit(self.toolbox.run, tag, query) for tag, query in calls]
-            done, _ = concurrent.futures.wait(futures, timeout=self.config.tool_timeout_s)
+            futures = [pool.submit(toolbox.run, tag, query) for tag, query in calls]
+            done, _ = concurrent.futures.wait(futures, timeout=self.search.tool_timeout_s)
             results = []
             for future in futures:
                 if future in done:
                     results.append(future.result())
                 else:
-                    stats.tool_timeouts += 1
+                    self.stats.tool_timeouts += 1
                     results.append(
                         ToolResult(ok=False, text="", status="timeout", error="tool call deadline")
                     )
@@ -520,16 +459,6 @@ class TreeSearch:
         finally:
             # Do not wait for stuck calls: their threads finish (or time out) on their own.
             pool.shutdown(wait=False, cancel_futures=True)
-
-    def _encode(self, text: str) -> list[int]:
-        if text not in self._encode_cache:
-            self._encode_cache[text] = list(self.tokenizer.encode(text, add_special_tokens=False))
-        return self._encode_cache[text]
-
-
-def _owns_slot(tree: Tree, node: Node) -> bool:
-    """True for the first node that holds a slot (the root or a chain head), so each slot is released once."""
-    return node.index == 0 or tree.nodes[node.parent].slot != node.slot
 
 
 _scores = jax.jit(kernels.expansion_scores, static_argnames=("penalty",))

@@ -31,6 +31,7 @@ at step boundaries (``shutdown.check()``), where it saves a final checkpoint and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -42,7 +43,40 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from atpo_jax.settings import check
+
 log = logging.getLogger(__name__)
+
+_EXPORT_DTYPES = ("", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """Checkpoints and the final export (the ``checkpoint`` section of a run's config).
+
+    Attributes:
+      every: save every this many RL steps (plus the warm start, step 0, and the last step).
+      keep: complete checkpoints kept (older ones are deleted).
+      export_hf: write the final policy as a Hugging Face checkpoint (``<workdir>/hf_export``).
+      export_dtype: dtype of the exported tensors: ``float32``, ``bfloat16``, ``float16``, or ""
+        for the dtype of the checkpoint the run started from (``model.path``), else the master
+        weights' own.
+    """
+
+    every: int = 50
+    keep: int = 3
+    export_hf: bool = True
+    export_dtype: str = ""
+
+    def __post_init__(self) -> None:
+        check(self.every >= 1, f"checkpoint.every={self.every} must be >= 1")
+        check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
+        check(
+            self.export_dtype in _EXPORT_DTYPES,
+            f"checkpoint.export_dtype={self.export_dtype!r} is not one of "
+            + ", ".join(repr(d) for d in _EXPORT_DTYPES),
+        )
+
 
 _JSON_SCALARS = (bool, int, float, str, type(None))
 

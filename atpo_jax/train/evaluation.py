@@ -7,6 +7,7 @@ reported numbers are exact match and token F1 of the extracted ``\\boxed{}`` ans
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -16,34 +17,76 @@ import numpy as np
 
 from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.rows import QARow
-from atpo_jax.rewards.qa import compute_reward
+from atpo_jax.rewards.qa import RewardSettings
+from atpo_jax.rollout.settings import RolloutMode
 from atpo_jax.rollout.tree_search import TreeSearch
+from atpo_jax.settings import StrEnum, check, coerce_choices
+
+
+class EvalSplit(StrEnum):
+    VALIDATION = "validation"
+    TEST = "test"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Held-out evaluation during training (the ``eval`` section of a run's config).
+
+    Attributes:
+      every: evaluate every this many RL steps (0: only after the warm start and at the end).
+      split: the synthetic world's ``validation`` or ``test`` questions (files: data.eval_files).
+      max_questions: evaluate on the first this many questions (0: all).
+      batch_prompts: questions rolled out together.
+      max_response_len: the response budget of evaluation (0: rollout.max_response_len).
+    """
+
+    every: int = 20
+    split: EvalSplit = EvalSplit.TEST
+    max_questions: int = 0
+    batch_prompts: int = 64
+    max_response_len: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "eval")
+        check(self.every >= 0, f"eval.every={self.every} must be >= 0")
+        check(self.max_questions >= 0, f"eval.max_questions={self.max_questions} must be >= 0")
+        check(self.batch_prompts >= 1, f"eval.batch_prompts={self.batch_prompts} must be >= 1")
+        check(self.max_response_len >= 0, "eval.max_response_len must be >= 0")
+
+
+def eval_rows(rows: Sequence[QARow], settings: EvalSettings) -> list[QARow]:
+    """The evaluation questions: ``rows`` cut to ``eval.max_questions`` when set."""
+    rows = list(rows)
+    return rows[: settings.max_questions] if settings.max_questions else rows
 
 
 def evaluate(
     search: TreeSearch,
+    params: Any,
     tokenizer: Any,
     rows: Sequence[QARow],
     *,
     batch_prompts: int,
-    reward_mode: str = "em_format",
+    reward: RewardSettings | None = None,
 ) -> dict[str, Any]:
-    """Runs every question once (greedy) and scores it.
+    """Runs every question once (greedy, with the policy ``params``) and scores it with
+    ``reward`` (default: the paper's ``em_format``; validation skips its format check).
 
     Returns ``{"em", "f1", "n", "by_source": {source: {"em", "f1", "n"}}, "samples": [...]}`` where
     ``em``/``f1`` average over all questions and ``samples`` holds the first few transcripts.
     """
-    if search.config.mode != "chain" or search.config.samples_per_tree != 1:
+    if search.settings.mode != RolloutMode.CHAIN or search.settings.samples_per_tree != 1:
         raise ValueError(
-            "evaluate() needs a single-chain search (components.build_search(evaluation=True))"
+            "evaluate() needs a single-chain search (RolloutSettings.for_evaluation())"
         )
+    reward = reward or RewardSettings()
     prompts = [encode_prompt(tokenizer, row.prompt) for row in rows]
     ems, f1s, texts = [], [], []
     for start in range(0, len(rows), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
-        out = search.rollout(chunk, step=0, tree_ids=range(start, start + len(chunk)))
+        out = search.rollout(params, chunk, step=0, tree_ids=range(start, start + len(chunk)))
         for text, row in zip(out.texts, rows[start : start + len(chunk)], strict=True):
-            result = compute_reward(text, row.golds, mode=reward_mode, validate=True)
+            result = reward.score(text, row.golds, validate=True)
             ems.append(result.em)
             f1s.append(result.f1)
             texts.append(text)

@@ -20,6 +20,7 @@ later values winning, which keeps the resumed run's numbers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +31,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from atpo_jax.train import flops
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,22 @@ def _from_json_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_json_value(v) for v in value]
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSettings:
+    """Where step metrics go (the ``logging`` section of a run's config).
+
+    Attributes:
+      tensorboard: TensorBoard event files in ``<workdir>/tensorboard`` (besides
+        ``metrics.jsonl``, always written).
+      wandb_project: also log to this Weights & Biases project ("" = off; needs ``wandb``).
+      plot: write ``learning_curves.png`` at the end of a run.
+    """
+
+    tensorboard: bool = True
+    wandb_project: str = ""
+    plot: bool = True
 
 
 class MetricsWriter:
@@ -362,3 +381,78 @@ class ProgressBar:
 
     def close(self) -> None:
         self._bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# One RL step's metrics
+
+
+def step_metrics(
+    *,
+    scores: np.ndarray,
+    ems: np.ndarray,
+    f1s: np.ndarray,
+    advantages: np.ndarray,
+    rollout: Mapping[str, float],
+    updates: Sequence[Mapping[str, Any]],
+    learning_rate: float,
+    nonfinite_skips: float,
+) -> dict[str, float]:
+    """The scalars of one RL step from the whole run's (all processes') rows.
+
+    Args:
+      scores, ems, f1s: [rows] reward, exact match and F1 per leaf row.
+      advantages: the advantages of every trained (loss-mask 1) token.
+      rollout: the ``rollout/*`` and ``time/*`` rollout metrics.
+      updates: the update program's metrics of every mini-batch (averaged per key).
+      learning_rate, nonfinite_skips: the optimizer's current LR and skipped-update count.
+    """
+    has = advantages.size > 0
+    metrics = {
+        "reward/mean": float(scores.mean()),
+        "reward/std": float(scores.std()),
+        "em": float(np.mean(ems)),
+        "f1": float(np.mean(f1s)),
+        "format_failure_rate": float(np.mean(scores < 0)),
+        "advantage/mean": float(advantages.mean()) if has else 0.0,
+        "advantage/std": float(advantages.std()) if has else 0.0,
+        "advantage/max": float(advantages.max()) if has else 0.0,
+        "advantage/min": float(advantages.min()) if has else 0.0,
+        "lr": float(learning_rate),
+        "nonfinite_skips": float(nonfinite_skips),
+        "trained_tokens": float(advantages.size),
+        **rollout,
+    }
+    for key in updates[0]:
+        metrics[f"update/{key}"] = float(np.mean([m[key] for m in updates]))
+    return metrics
+
+
+def throughput_metrics(
+    phases: Mapping[str, float],
+    *,
+    generated_tokens: float,
+    processed_tokens: float,
+    context_len: int,
+    model_config: Any,
+    passes: int,
+    num_devices: int,
+) -> dict[str, float]:
+    """Generated and trained tokens per second and the update's MFU.
+
+    ``processed_tokens`` are the real (attended) tokens of the step's rows; each goes through
+    ``passes`` forward-equivalents (3 per update epoch for forward + backward, 1 for recomputed
+    old log-probs); ``context_len`` is the rows' padded length (attention FLOPs).
+    """
+    out = {}
+    rollout_s = phases.get("time/rollout_s", 0.0)
+    update_s = phases.get("time/update_s", 0.0) + phases.get("time/log_probs_s", 0.0)
+    if rollout_s:
+        out["throughput/generated_tokens_per_s"] = generated_tokens / rollout_s
+    if update_s:
+        out["throughput/train_tokens_per_s"] = processed_tokens / update_s
+        used = flops.forward_flops_per_token(model_config, context_len) * processed_tokens * passes
+        value = flops.mfu(used / num_devices, update_s, flops.peak_flops_per_device())
+        if value is not None:
+            out["throughput/mfu"] = value
+    return out

@@ -1,7 +1,7 @@
 """The optimizer: AdamW (decoupled weight decay) + global-norm clipping + an LR schedule, with
 non-finite gradients skipped and counted.
 
-    tx = build_optimizer(config.optim)                    # optax.GradientTransformation
+    tx = build_optimizer(OptimizerSettings(learning_rate=1e-6))   # optax.GradientTransformation
     opt_state = tx.init(params)                           # params: nnx.State or any pytree
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -19,116 +19,122 @@ applies a non-finite update, however many arrive in a row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-SCHEDULES = ("constant", "cosine", "linear")
+from atpo_jax.settings import ConfigError, StrEnum, coerce_choices
 
-# Every key build_optimizer reads; the defaults are the paper's (ALGORITHM.md §5: AdamW lr 1e-6,
-# betas (0.9, 0.999), weight decay 0.01, constant LR, no warmup, clip 1.0).
-_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-6,
-    "schedule": "constant",
-    "warmup_steps": 0,
-    "total_steps": 0,
-    "end_learning_rate_factor": 0.0,
-    "b1": 0.9,
-    "b2": 0.999,
-    "eps": 1e-8,
-    "weight_decay": 0.01,
-    "grad_clip_norm": 1.0,
-}
+
+class Schedule(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+SCHEDULES = tuple(m.value for m in Schedule)
 
 # ``apply_if_finite`` applies an update anyway once more than this many non-finite ones came in a
 # row; its counter saturates at the int32 maximum, so this bound is never exceeded.
 _NEVER_GIVE_UP = int(jnp.iinfo(jnp.int32).max)
 
 
-def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
-    """The optimizer settings with the paper's defaults, ``overrides`` applied (unknown keys fail).
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and its schedule (the ``optim`` section of a run's config). The defaults are the
+    paper's (ALGORITHM.md §5: lr 1e-6, betas (0.9, 0.999), weight decay 0.01, constant LR, no
+    warm-up, clip 1.0).
 
-    Keys: ``learning_rate`` (peak LR), ``schedule`` (constant | cosine | linear),
-    ``warmup_steps`` (linear warm-up from 0 to the peak), ``total_steps`` (where cosine/linear
-    decay ends; unused by constant), ``end_learning_rate_factor`` (final LR = factor x peak),
-    ``b1``, ``b2``, ``eps`` (Adam), ``weight_decay`` (decoupled, on >= 2-D params only),
-    ``grad_clip_norm`` (global-norm clip; <= 0 disables).
+    Attributes:
+      learning_rate: the peak learning rate.
+      schedule: ``constant``, ``cosine`` or ``linear`` (decay after the warm-up).
+      warmup_steps: linear warm-up from 0 to the peak, in optimizer updates.
+      total_steps: where cosine/linear decay ends, in optimizer updates (0: the run's
+        ``train.steps`` x updates per step).
+      end_learning_rate_factor: the final learning rate is this times the peak.
+      b1, b2, eps: Adam's moment decays and epsilon.
+      weight_decay: decoupled weight decay, on >= 2-D parameters only.
+      grad_clip_norm: global-norm gradient clipping (<= 0: off).
     """
-    config = ml_collections.ConfigDict(dict(_DEFAULTS))
-    for key, value in overrides.items():
-        if key not in _DEFAULTS:
-            raise ValueError(f"optim.{key} is not an optimizer setting; known: {sorted(_DEFAULTS)}")
-        config[key] = value
-    return config
 
+    learning_rate: float = 1e-6
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_steps: int = 0
+    total_steps: int = 0
+    end_learning_rate_factor: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip_norm: float = 1.0
 
-def validate_optimizer_config(config: Mapping[str, Any], prefix: str = "optim") -> None:
-    """Raises ``ValueError`` naming ``<prefix>.<key>`` for a missing, unknown or invalid setting."""
-    keys = set(config.keys())
-    missing = sorted(set(_DEFAULTS) - keys)
-    if missing:
-        raise ValueError(f"{prefix}: missing setting(s) {', '.join(missing)}")
-    unknown = sorted(keys - set(_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"{prefix}: unknown setting(s) {', '.join(unknown)}; known: {sorted(_DEFAULTS)}"
+    def __post_init__(self) -> None:
+        coerce_choices(self, "optim")
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"optim.{key}={getattr(self, key)!r} {why}")
+
+        for key in ("learning_rate", "end_learning_rate_factor", "b1", "b2", "eps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(key, "must be a number")
+        for key in ("weight_decay", "grad_clip_norm"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(key, "must be a number")
+        for key in ("warmup_steps", "total_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(key, "must be a non-negative integer")
+        if not self.learning_rate > 0:
+            raise bad("learning_rate", "must be > 0")
+        if not 0.0 <= self.end_learning_rate_factor <= 1.0:
+            raise bad("end_learning_rate_factor", "must be in [0, 1]")
+        for key in ("b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise bad(key, "must be in [0, 1)")
+        if not self.eps > 0:
+            raise bad("eps", "must be > 0")
+        if not self.weight_decay >= 0:
+            raise bad("weight_decay", "must be >= 0")
+        if self.total_steps and self.schedule != Schedule.CONSTANT:
+            self.check_horizon()
+
+    def check_horizon(self) -> None:
+        """A decaying schedule needs its end after the warm-up."""
+        if self.schedule != Schedule.CONSTANT and self.total_steps <= self.warmup_steps:
+            raise ConfigError(
+                f"optim.total_steps={self.total_steps} must exceed optim.warmup_steps="
+                f"{self.warmup_steps} for schedule {str(self.schedule)!r} (steps count optimizer "
+                "updates)"
+            )
+
+    def with_horizon(self, total_updates: int) -> OptimizerSettings:
+        """These settings with ``total_steps=0`` resolved to the run's ``total_updates``."""
+        resolved = (
+            self if self.total_steps else dataclasses.replace(self, total_steps=total_updates)
         )
-
-    def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"{prefix}.{key}={config[key]!r} {why}")
-
-    def number(key: str) -> float:
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(key, "must be a number")
-        return float(value)
-
-    def integer(key: str) -> int:
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise bad(key, "must be a non-negative integer")
-        return value
-
-    if not number("learning_rate") > 0:
-        raise bad("learning_rate", "must be > 0")
-    if config["schedule"] not in SCHEDULES:
-        raise bad("schedule", f"is not one of {SCHEDULES}")
-    warmup, total = integer("warmup_steps"), integer("total_steps")
-    if config["schedule"] != "constant" and total <= warmup:
-        raise ValueError(
-            f"{prefix}.total_steps={total} must exceed {prefix}.warmup_steps={warmup} for "
-            f"schedule {config['schedule']!r} (steps count optimizer updates)"
-        )
-    if not 0.0 <= number("end_learning_rate_factor") <= 1.0:
-        raise bad("end_learning_rate_factor", "must be in [0, 1]")
-    for key in ("b1", "b2"):
-        if not 0.0 <= number(key) < 1.0:
-            raise bad(key, "must be in [0, 1)")
-    if not number("eps") > 0:
-        raise bad("eps", "must be > 0")
-    if not number("weight_decay") >= 0:
-        raise bad("weight_decay", "must be >= 0")
-    number("grad_clip_norm")
+        resolved.check_horizon()
+        return resolved
 
 
-def build_schedule(config: Mapping[str, Any], prefix: str = "optim") -> optax.Schedule:
+def build_schedule(settings: OptimizerSettings) -> optax.Schedule:
     """The learning rate as a function of the number of applied updates.
 
     Warm-up rises linearly from 0 at update 0 to ``learning_rate`` at ``warmup_steps`` (the optax
     and transformers convention); then ``constant`` stays there, ``cosine`` and ``linear`` decay to
     ``end_learning_rate_factor * learning_rate`` at ``total_steps`` and stay there.
     """
-    validate_optimizer_config(config, prefix)
-    peak = float(config["learning_rate"])
-    warmup, total = int(config["warmup_steps"]), int(config["total_steps"])
-    end = peak * float(config["end_learning_rate_factor"])
-    if config["schedule"] == "cosine":
+    settings.check_horizon()
+    peak = float(settings.learning_rate)
+    warmup, total = int(settings.warmup_steps), int(settings.total_steps)
+    end = peak * float(settings.end_learning_rate_factor)
+    if settings.schedule == Schedule.COSINE:
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=end)
-    if config["schedule"] == "linear":
+    if settings.schedule == Schedule.LINEAR:
         main = optax.linear_schedule(peak, end, total - warmup)
     else:
         main = optax.constant_schedule(peak)
@@ -142,31 +148,29 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def build_optimizer(
-    config: Mapping[str, Any], prefix: str = "optim"
-) -> optax.GradientTransformationExtraArgs:
-    """AdamW + global-norm clipping + schedule, skipping non-finite updates (see module doc).
+def adamw(settings: OptimizerSettings) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW on the schedule, without the non-finite guard."""
+    schedule = build_schedule(settings)
+    inner = optax.adamw(
+        learning_rate=schedule,
+        b1=float(settings.b1),
+        b2=float(settings.b2),
+        eps=float(settings.eps),
+        weight_decay=float(settings.weight_decay),
+        mask=decay_mask,
+    )
+    clip = float(settings.grad_clip_norm)
+    return optax.chain(optax.clip_by_global_norm(clip), inner) if clip > 0 else inner
 
-    Args:
-      config: the settings of ``optimizer_config`` (a ConfigDict or any mapping).
-      prefix: the config path used in error messages (``optim.schedule='foo' is not one of ...``).
+
+def build_optimizer(settings: OptimizerSettings) -> optax.GradientTransformationExtraArgs:
+    """AdamW + global-norm clipping + schedule, skipping non-finite updates (see module doc).
 
     Returns:
       The transformation. Its state is an ``optax.ApplyIfFiniteState``; read it with
       ``nonfinite_skips``, ``last_update_skipped`` and ``applied_updates``.
     """
-    schedule = build_schedule(config, prefix)
-    adamw = optax.adamw(
-        learning_rate=schedule,
-        b1=float(config["b1"]),
-        b2=float(config["b2"]),
-        eps=float(config["eps"]),
-        weight_decay=float(config["weight_decay"]),
-        mask=decay_mask,
-    )
-    clip = float(config["grad_clip_norm"])
-    inner = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
-    return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER_GIVE_UP)
+    return optax.apply_if_finite(adamw(settings), max_consecutive_errors=_NEVER_GIVE_UP)
 
 
 def _finite_state(opt_state: Any) -> optax.ApplyIfFiniteState:
@@ -211,6 +215,6 @@ def applied_updates(opt_state: Any) -> jax.Array:
     return _value(counts[0][1])
 
 
-def current_learning_rate(config: Mapping[str, Any], opt_state: Any) -> jax.Array:
+def current_learning_rate(settings: OptimizerSettings, opt_state: Any) -> jax.Array:
     """float32 scalar: the LR the next applied update will use (for logging)."""
-    return jnp.asarray(build_schedule(config)(applied_updates(opt_state)), jnp.float32)
+    return jnp.asarray(build_schedule(settings)(applied_updates(opt_state)), jnp.float32)

@@ -35,35 +35,80 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from atpo_jax import kernels, parallel
 from atpo_jax.models import CausalLM, log_probs_from_hidden
+from atpo_jax.settings import StrEnum, check, coerce_choices
 
-POLICY_LOSSES = ("atpo", "gspo", "ppo")
+
+class PolicyLoss(StrEnum):
+    ATPO = "atpo"  # turn-level ratio (AT²PO)
+    GSPO = "gspo"  # sequence-level ratio
+    PPO = "ppo"  # token-level ratio with dual clip (the GRPO baselines)
+
+
+class LossAgg(StrEnum):
+    """How per-token losses aggregate (``kernels.aggregate_loss``)."""
+
+    TOKEN_MEAN = "token-mean"
+    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
+
+
+class KLKind(StrEnum):
+    """The per-token KL estimator (``kernels.kl_penalty``)."""
+
+    KL = "kl"
+    ABS = "abs"
+    MSE = "mse"
+    LOW_VAR_KL = "low_var_kl"
+
+
+class OldLogProbs(StrEnum):
+    RECOMPUTE = "recompute"  # the reference: score the rollout with the policy before updating
+    SAMPLER = "sampler"  # reuse the sampler's log-probs (needs temperature 1, no truncation)
+
+
+POLICY_LOSSES = tuple(m.value for m in PolicyLoss)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    """Static settings of the policy loss (hashable: part of the compiled program)."""
+    """The policy loss (the ``loss`` section of a run's config; ALGORITHM.md §4). Hashable: part
+    of the compiled update program.
 
-    policy_loss: str = "atpo"
+    Attributes:
+      policy_loss: ``atpo`` (turn-level ratio), ``gspo`` (sequence-level) or ``ppo`` (token-level).
+      clip_low, clip_high: the ratio's clip range [1 - clip_low, 1 + clip_high] (the paper:
+        3e-3 / 4e-3 on turn ratios; PPO-style losses use about 0.2 / 0.28).
+      max_log_ratio: turn/sequence log-ratios are clamped here before ``exp`` (atpo, gspo).
+      dual_clip: the PPO dual-clip constant for negative advantages (ppo; 0 turns it off).
+      loss_agg: ``seq-mean-token-mean`` (the reference), ``token-mean``, ``seq-mean-token-sum``,
+        ``seq-mean-token-sum-norm``; normalised over the whole mini-batch, not the micro-batch.
+      kl_coef: weight of the KL penalty to the frozen reference policy (0: the reference policy
+        is neither kept nor run).
+      kl_kind: the KL estimator (``low_var_kl``, ``kl``, ``abs``, ``mse``).
+      old_log_probs: ``recompute`` (score the rollout before the update, as the reference) or
+        ``sampler`` (reuse the sampler's log-probs).
+      log_prob_chunk: positions per chunk of the vocabulary projection when log-probs are
+        computed (the [rows, chunk, vocab] logits are the only ones materialised).
+    """
+
+    policy_loss: PolicyLoss = PolicyLoss.ATPO
     clip_low: float = 3e-3
     clip_high: float = 4e-3
     max_log_ratio: float = 10.0
-    dual_clip: float | None = 3.0
-    loss_agg: str = "seq-mean-token-mean"
+    dual_clip: float = 3.0
+    loss_agg: LossAgg = LossAgg.SEQ_MEAN_TOKEN_MEAN
     kl_coef: float = 0.0
-    kl_kind: str = "low_var_kl"
+    kl_kind: KLKind = KLKind.LOW_VAR_KL
+    old_log_probs: OldLogProbs = OldLogProbs.RECOMPUTE
     log_prob_chunk: int = 512
 
     def __post_init__(self) -> None:
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(
-                f"loss.policy_loss={self.policy_loss!r} is not one of {', '.join(POLICY_LOSSES)}"
-            )
-        if self.loss_agg not in kernels.LOSS_AGG_MODES:
-            raise ValueError(
-                f"loss.loss_agg={self.loss_agg!r} is not one of {', '.join(kernels.LOSS_AGG_MODES)}"
-            )
-        if self.kl_coef < 0:
-            raise ValueError(f"loss.kl_coef must be >= 0, got {self.kl_coef}")
+        coerce_choices(self, "loss")
+        check(self.kl_coef >= 0, f"loss.kl_coef must be >= 0, got {self.kl_coef}")
+        check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip must be 0 (off) or > 1")
+        check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high must be >= 0")
+        check(self.log_prob_chunk >= 1, "loss.log_prob_chunk must be >= 1")
 
 
 @struct.dataclass
@@ -156,7 +201,9 @@ def policy_loss(model: CausalLM, rows: PolicyRows, settings: LossSettings):
             *args, max_log_ratio=settings.max_log_ratio, **common
         )
     else:
-        loss, metrics = kernels.ppo_policy_loss(*args, dual_clip=settings.dual_clip, **common)
+        loss, metrics = kernels.ppo_policy_loss(
+            *args, dual_clip=settings.dual_clip or None, **common
+        )
     metrics = dict(metrics)
     metrics["pg_loss"] = loss
     mask = rows.loss_mask.astype(jnp.float32)

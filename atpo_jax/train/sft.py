@@ -7,6 +7,8 @@ policy sees the same token layout it will generate in the rollout.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,8 +19,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from atpo_jax.data.synthetic import demo_segments
+from atpo_jax.data.synthetic import demo_segments, read_demos
+from atpo_jax.data.synthetic.augment import augmented_demos
 from atpo_jax.data.transcripts import encode_transcript
+from atpo_jax.settings import ConfigError, check
+from atpo_jax.train.metrics import ProgressBar
+from atpo_jax.train.optimizer import OptimizerSettings, Schedule, adamw
 from atpo_jax.train.policy import PolicyRows, policy_rows, response_log_probs
 
 logger = logging.getLogger(__name__)
@@ -62,14 +68,45 @@ def encode_demonstrations(
     return policy_rows(prompt_tokens, prompt_mask, np.arange(n), response, loss_mask)
 
 
-def sft_optimizer(
-    learning_rate: float, steps: int, warmup_steps: int
-) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay, global-norm clipping at 1."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, warmup_steps), max(steps, warmup_steps + 1), learning_rate * 0.1
-    )
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+@dataclasses.dataclass(frozen=True)
+class SFTSettings:
+    """The supervised warm start on demonstrations (the ``sft`` section of a run's config; the
+    synthetic world has them). AdamW with the ``optim`` section's betas, epsilon, weight decay and
+    clipping, and its own learning rate: a linear warm-up, then cosine decay to a tenth.
+
+    Attributes:
+      steps: supervised steps (0: no warm start).
+      batch_size: demonstrations per step (from one length bucket).
+      learning_rate: the peak learning rate.
+      warmup_steps: linear warm-up steps (at least 1).
+      rename_copies: extra copies of each demonstration with its entities renamed, so the model
+        learns to copy names out of search results rather than memorise them.
+    """
+
+    steps: int = 0
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    rename_copies: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, f"sft.steps={self.steps} must be >= 0")
+        check(self.batch_size >= 1, f"sft.batch_size={self.batch_size} must be >= 1")
+        check(self.learning_rate > 0, f"sft.learning_rate={self.learning_rate} must be > 0")
+        check(self.warmup_steps >= 0, f"sft.warmup_steps={self.warmup_steps} must be >= 0")
+        check(self.rename_copies >= 0, f"sft.rename_copies={self.rename_copies} must be >= 0")
+
+    def optimizer(self, optim: OptimizerSettings) -> OptimizerSettings:
+        """The warm start's optimizer settings: ``optim`` with this learning rate and schedule."""
+        warmup = max(1, self.warmup_steps)
+        return dataclasses.replace(
+            optim,
+            learning_rate=self.learning_rate,
+            schedule=Schedule.COSINE,
+            warmup_steps=warmup,
+            total_steps=max(self.steps, warmup + 1),
+            end_learning_rate_factor=0.1,
+        )
 
 
 def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation) -> Callable:
@@ -106,25 +143,26 @@ def _cut_response(rows: PolicyRows, total: int) -> PolicyRows:
 
 
 def run_sft(
-    model: Any,
+    graphdef: nnx.GraphDef,
+    params: Any,
     rows: PolicyRows,
+    settings: SFTSettings,
+    optim: OptimizerSettings,
     *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    warmup_steps: int,
     seed: int,
     on_step: Callable[[int, Any], None] | None = None,
-) -> list[float]:
-    """Trains ``model`` in place on ``rows`` for ``steps`` steps; returns the loss per step.
+) -> tuple[Any, list[float]]:
+    """Trains ``params`` on ``rows`` for ``settings.steps`` steps; returns the new parameters and
+    the loss per step.
 
     Rows are grouped by response length (buckets 32 tokens wide) and every batch comes from one
     bucket, its responses cut to the bucket width: short 1-hop demonstrations do not pay for the
     padding of long 3-hop ones, and only a few shapes compile. Buckets are visited in proportion to
     their size from seeded permutations, so the warm start is reproducible.
     """
-    graphdef, params = nnx.split(model)
-    optimizer = sft_optimizer(learning_rate, steps, warmup_steps)
+    # No non-finite guard here (yet): wrapping the chain in optax.apply_if_finite changes XLA's
+    # fusion and so the warm start's rounding; the RL updates have it (train.optimizer).
+    optimizer = adamw(settings.optimizer(optim))
     opt_state = optimizer.init(params)
     step_fn = make_sft_step(graphdef, optimizer)
     rng = np.random.default_rng(seed)
@@ -135,10 +173,10 @@ def run_sft(
     cursors = {w: (rng.permutation(buckets[w]), 0) for w in names}
     prompt_len = rows.input_ids.shape[1] - response_len
     losses = []
-    for step in range(steps):
+    for step in range(settings.steps):
         w = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         order, cursor = cursors[w]
-        size = min(batch_size, len(order))
+        size = min(settings.batch_size, len(order))
         if cursor + size > len(order):
             order, cursor = rng.permutation(buckets[w]), 0
         index = order[cursor : cursor + size]
@@ -149,5 +187,39 @@ def run_sft(
         losses.append(loss)  # kept on device: no host sync per step
         if on_step is not None:
             on_step(step, loss)
-    nnx.update(model, params)
-    return [float(x) for x in jax.device_get(losses)]
+    return params, [float(x) for x in jax.device_get(losses)]
+
+
+def warm_start(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    tokenizer: Any,
+    demos_path: str | None,
+    world_path: str | None,
+    settings: SFTSettings,
+    optim: OptimizerSettings,
+    *,
+    max_prompt_len: int,
+    max_response_len: int,
+    seed: int,
+) -> tuple[Any, list[float]]:
+    """The supervised warm start of a run: its demonstrations (renamed copies added), encoded like
+    RL rows, then :func:`run_sft` with a progress bar. Returns the new parameters and losses."""
+    if not demos_path:
+        raise ConfigError(
+            "sft.steps > 0 needs demonstrations (data.source=synthetic); set sft.steps=0"
+        )
+    demos = read_demos(demos_path)
+    if settings.rename_copies:
+        with open(world_path) as f:
+            names = [entity["name"] for entity in json.load(f)]
+        demos = augmented_demos(demos, names, settings.rename_copies, seed)
+    rows = encode_demonstrations(tokenizer, demos, max_prompt_len, max_response_len)
+    logger.info("warm start: %d supervised steps on %d demonstrations", settings.steps, len(demos))
+    progress = ProgressBar(settings.steps, desc="warm start", postfix_keys=())
+    try:
+        return run_sft(
+            graphdef, params, rows, settings, optim, seed=seed, on_step=lambda *_: progress.update()
+        )
+    finally:
+        progress.close()

@@ -193,7 +193,7 @@ def test_kv_cache_declares_its_axes():
 def test_optimizer_state_mirrors_the_parameters():
     params = abstract_params(tiny_config())
     mesh = abstract_mesh(2, 2, 2)
-    tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-3))
+    tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-3))
     opt_state = jax.eval_shape(tx.init, params)
     param_specs = specs_by_path(params, mesh)
     state_specs = specs_by_path(opt_state, mesh)
@@ -239,7 +239,7 @@ def test_sharded_forward_and_train_step_match_unsharded():
         rng = np.random.default_rng(0)
         ids = rng.integers(0, 160, (8, 12)).astype(np.int32)
         targets = rng.integers(0, 160, (8, 12)).astype(np.int32)
-        tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-3, grad_clip_norm=0.5))
+        tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-3, grad_clip_norm=0.5))
 
         def forward(params, ids):
             return nnx.merge(graphdef, params)(ids)

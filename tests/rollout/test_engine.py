@@ -69,10 +69,11 @@ PROMPTS = [[5, 9, 13], [7, 1, 22, 40, 3, 8, 11], [30], [2, 4, 6, 8, 10, 12, 14, 
 
 
 def test_greedy_equals_stepwise_argmax_of_full_forward(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
     engine = make_engine(model, sampling=SamplingParams(temperature=0.0))
     slots = engine.allocate(len(PROMPTS))
-    engine.prefill_many(slots, PROMPTS)
-    results = engine.generate(slots, [20] * len(slots), jax.random.key(0))
+    engine.prefill_many(P, slots, PROMPTS)
+    results = engine.generate(P, slots, [20] * len(slots), jax.random.key(0))
     for prompt, result, slot in zip(PROMPTS, results, slots, strict=True):
         want = greedy_reference(model, prompt, 20)
         assert result.tokens == want
@@ -81,10 +82,11 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(model):
 
 
 def test_sampled_log_probs_and_entropy_match_full_forward(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
     engine = make_engine(model)  # temperature 1: sampling distribution = model distribution
     slots = engine.allocate(2)
-    engine.prefill_many(slots, PROMPTS[:2])
-    results = engine.generate(slots, [15, 15], jax.random.key(7))
+    engine.prefill_many(P, slots, PROMPTS[:2])
+    results = engine.generate(P, slots, [15, 15], jax.random.key(7))
     for prompt, result in zip(PROMPTS[:2], results, strict=True):
         seq = jnp.asarray([prompt + result.tokens])
         targets = jnp.concatenate([seq[:, 1:], jnp.zeros((1, 1), seq.dtype)], axis=1)
@@ -96,10 +98,11 @@ def test_sampled_log_probs_and_entropy_match_full_forward(model):
 
 
 def test_forced_tokens_are_scored_like_sampled_ones(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
     engine = make_engine(model)
     slots = engine.allocate(2)
-    engine.prefill_many(slots, PROMPTS[:2])
-    scored = engine.force(slots, [7, 0])
+    engine.prefill_many(P, slots, PROMPTS[:2])
+    scored = engine.force(P, slots, [7, 0])
     for prompt, slot, token, (log_prob, entropy) in zip(
         PROMPTS[:2], slots, [7, 0], scored, strict=True
     ):
@@ -112,19 +115,21 @@ def test_forced_tokens_are_scored_like_sampled_ones(model):
     # Generation continues after the forced token exactly as after a prefill of the same sequence.
     greedy = make_engine(model, sampling=SamplingParams(temperature=0.0))
     a, b = greedy.allocate(2)
-    greedy.prefill(a, PROMPTS[0])
-    greedy.force([a], [7])
-    greedy.prefill(b, PROMPTS[0] + [7])
-    ra, rb = greedy.generate([a, b], [8, 8], jax.random.key(0))
+    greedy.prefill(P, a, PROMPTS[0])
+    greedy.force(P, [a], [7])
+    greedy.prefill(P, b, PROMPTS[0] + [7])
+    ra, rb = greedy.generate(P, [a, b], [8, 8], jax.random.key(0))
     assert ra.tokens == rb.tokens
 
 
 def test_sampling_is_reproducible_and_independent_of_batching(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
+
     def run(prompts, keys):
         engine = make_engine(model)
         slots = engine.allocate(len(prompts))
-        engine.prefill_many(slots, prompts)
-        return [r.tokens for r in engine.generate(slots, [12] * len(prompts), keys)]
+        engine.prefill_many(P, slots, prompts)
+        return [r.tokens for r in engine.generate(P, slots, [12] * len(prompts), keys)]
 
     keys = jax.random.split(jax.random.key(11), 3)
     together = run(PROMPTS[:3], keys)
@@ -136,13 +141,14 @@ def test_sampling_is_reproducible_and_independent_of_batching(model):
 
 
 def test_low_temperature_matches_greedy(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
     greedy = make_engine(model, sampling=SamplingParams(temperature=0.0))
     cold = make_engine(model, sampling=SamplingParams(temperature=1e-4))
     outs = []
     for engine in (greedy, cold):
         slots = engine.allocate(2)
-        engine.prefill_many(slots, PROMPTS[1:3])
-        outs.append([r.tokens for r in engine.generate(slots, [16, 16], jax.random.key(5))])
+        engine.prefill_many(P, slots, PROMPTS[1:3])
+        outs.append([r.tokens for r in engine.generate(P, slots, [16, 16], jax.random.key(5))])
     assert outs[0] == outs[1]
 
 
@@ -177,38 +183,40 @@ def test_top_k_and_top_p_never_leave_the_allowed_set(params):
 
 
 def test_extend_then_generate_equals_prefill_of_the_concatenation(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
     greedy = SamplingParams(temperature=0.0)
     a = make_engine(model, sampling=greedy)
     (slot,) = a.allocate(1)
-    a.prefill(slot, [5, 9, 13])
-    first = a.generate([slot], [6], jax.random.key(0))[0].tokens
-    a.extend(slot, [17, 18, 19, 20])  # e.g. a tool result
-    after_extend = a.generate([slot], [10], jax.random.key(0))[0].tokens
+    a.prefill(P, slot, [5, 9, 13])
+    first = a.generate(P, [slot], [6], jax.random.key(0))[0].tokens
+    a.extend(P, slot, [17, 18, 19, 20])  # e.g. a tool result
+    after_extend = a.generate(P, [slot], [10], jax.random.key(0))[0].tokens
 
     b = make_engine(model, sampling=greedy)
     (slot_b,) = b.allocate(1)
-    b.prefill(slot_b, [5, 9, 13] + first + [17, 18, 19, 20])
-    assert b.generate([slot_b], [10], jax.random.key(0))[0].tokens == after_extend
+    b.prefill(P, slot_b, [5, 9, 13] + first + [17, 18, 19, 20])
+    assert b.generate(P, [slot_b], [10], jax.random.key(0))[0].tokens == after_extend
     # Prefill wrote 2 tokens (the last stays pending); extend wrote the pending generated token and
     # 3 of the 4 new ones: the prefix was not recomputed.
     assert a.prefill_tokens_computed == 2 + 4
 
 
 def test_forked_slot_generates_like_a_fresh_prefill(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
     greedy = SamplingParams(temperature=0.0)
     engine = make_engine(model, sampling=greedy)
     src, dst = engine.allocate(2)
     prompt = PROMPTS[3]
-    engine.prefill(src, prompt)
-    engine.generate([src], [9], jax.random.key(0))
+    engine.prefill(P, src, prompt)
+    engine.generate(P, [src], [9], jax.random.key(0))
     prefix = engine.tokens(src)[:14]
     engine.fork(src, dst, 14)
     assert engine.tokens(dst) == prefix
-    forked = engine.generate([dst], [12], jax.random.key(0))[0].tokens
+    forked = engine.generate(P, [dst], [12], jax.random.key(0))[0].tokens
     fresh = make_engine(model, sampling=greedy)
     (slot,) = fresh.allocate(1)
-    fresh.prefill(slot, prefix)
-    assert fresh.generate([slot], [12], jax.random.key(0))[0].tokens == forked
+    fresh.prefill(P, slot, prefix)
+    assert fresh.generate(P, [slot], [12], jax.random.key(0))[0].tokens == forked
 
 
 # --------------------------------------------------------------------- scripted model: stops, budgets
@@ -243,20 +251,21 @@ def scripted_engine(**kwargs):
         kv_bucket=16,
     )
     defaults.update(kwargs)
-    return Engine(successor_model(SUCCESSOR), **defaults)
+    model = successor_model(SUCCESSOR)
+    return Engine(model, **defaults), nnx.state(model)
 
 
 def test_stop_string_split_over_several_tokens():
-    engine = scripted_engine()
+    engine, P = scripted_engine()
     (slot,) = engine.allocate(1)
-    engine.prefill(slot, [1])  # Q -> the -> query -> "</" "sear" "ch>" -> tail -> more -> eos
-    result = engine.generate([slot], [20], jax.random.key(0))[0]
+    engine.prefill(P, slot, [1])  # Q -> the -> query -> "</" "sear" "ch>" -> tail -> more -> eos
+    result = engine.generate(P, [slot], [20], jax.random.key(0))[0]
     assert result.tokens == [2, 3, 4, 5, 6]
     assert (result.finish_reason, result.stop_string) == ("stop", "</search>")
     assert engine.tokens(slot) == [1, 2, 3, 4, 5, 6]  # tokens after the stop were dropped
     # The slot continues from the stop: its cache holds exactly the kept tokens.
-    engine.extend(slot, [10])
-    assert engine.generate([slot], [3], jax.random.key(0))[0].tokens == [11, 11, 11]
+    engine.extend(P, slot, [10])
+    assert engine.generate(P, [slot], [3], jax.random.key(0))[0].tokens == [11, 11, 11]
 
 
 def test_matcher_finds_the_completing_token_however_the_string_is_split():
@@ -270,18 +279,20 @@ def test_matcher_finds_the_completing_token_however_the_string_is_split():
 
 
 def test_stop_string_in_the_prompt_does_not_end_generation():
-    engine = scripted_engine(stop_strings=("</search>",))
+    engine, P = scripted_engine(stop_strings=("</search>",))
     (slot,) = engine.allocate(1)
-    engine.prefill(slot, [2, 9, 10])  # the prompt contains "x</search>"; " y" -> z z z ...
-    result = engine.generate([slot], [5], jax.random.key(0))[0]
+    engine.prefill(P, slot, [2, 9, 10])  # the prompt contains "x</search>"; " y" -> z z z ...
+    result = engine.generate(P, [slot], [5], jax.random.key(0))[0]
     assert result.tokens == [11] * 5 and result.finish_reason == "length"
 
 
 def test_stop_inside_a_fused_token_ends_generation_after_that_token():
     succ = list(SUCCESSOR)
     succ[1] = 9  # Q -> "x</search>" -> " y" -> ...
+    scripted = successor_model(succ)
+    P = nnx.state(scripted)
     engine = Engine(
-        successor_model(succ),
+        scripted,
         num_slots=2,
         max_len=32,
         eos_token_ids=[0],
@@ -291,71 +302,84 @@ def test_stop_inside_a_fused_token_ends_generation_after_that_token():
         decode_chunk=8,
     )
     (slot,) = engine.allocate(1)
-    engine.prefill(slot, [1])
-    result = engine.generate([slot], [10], jax.random.key(0))[0]
+    engine.prefill(P, slot, [1])
+    result = engine.generate(P, [slot], [10], jax.random.key(0))[0]
     assert result.tokens == [9] and result.finish_reason == "stop"
     assert engine.tokens(slot) == [1, 9]
 
 
 def test_budgets_are_per_slot_and_cache_overflow_ends_only_that_slot():
-    engine = scripted_engine(max_len=12, stop_strings=())
+    engine, P = scripted_engine(max_len=12, stop_strings=())
     a, b, c = engine.allocate(3)
-    engine.prefill_many([a, b, c], [[10], [10], [10] * 8])  # " y" -> z z z ... (never stops)
-    results = engine.generate([a, b, c], [3, 7, 50], jax.random.key(0))
+    engine.prefill_many(P, [a, b, c], [[10], [10], [10] * 8])  # " y" -> z z z ... (never stops)
+    results = engine.generate(P, [a, b, c], [3, 7, 50], jax.random.key(0))
     assert [len(r.tokens) for r in results] == [3, 7, 4]  # c fills max_len = 12 after 4 tokens
     assert all(r.finish_reason == "length" for r in results)
     assert engine.tokens(c) == [10] * 8 + [11] * 4
     # The slots that did not overflow are intact: the same calls alone give the same tokens.
-    solo = scripted_engine(max_len=12, stop_strings=())
+    solo, P = scripted_engine(max_len=12, stop_strings=())
     (s,) = solo.allocate(1)
-    solo.prefill(s, [10])
-    assert solo.generate([s], [7], jax.random.key(0))[0].tokens == results[1].tokens
+    solo.prefill(P, s, [10])
+    assert solo.generate(P, [s], [7], jax.random.key(0))[0].tokens == results[1].tokens
 
 
 def test_eos_is_kept_and_ends_the_slot():
-    engine = scripted_engine(stop_strings=())
+    engine, P = scripted_engine(stop_strings=())
     (slot,) = engine.allocate(1)
-    engine.prefill(slot, [7])  # " tail" -> " more" -> <eos>
-    result = engine.generate([slot], [10], jax.random.key(0))[0]
+    engine.prefill(P, slot, [7])  # " tail" -> " more" -> <eos>
+    result = engine.generate(P, [slot], [10], jax.random.key(0))[0]
     assert result.tokens == [8, 0] and result.finish_reason == "eos"
 
 
 def test_compile_count_stays_small_across_a_tree_like_workload(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
+
     def workload():
         engine = make_engine(model, num_slots=16, max_len=96)
         rng = np.random.default_rng(0)
         roots = engine.allocate(4)
-        engine.prefill_many(roots, [rng.integers(1, VOCAB, n).tolist() for n in (5, 9, 12, 7)])
+        engine.prefill_many(P, roots, [rng.integers(1, VOCAB, n).tolist() for n in (5, 9, 12, 7)])
         for step in range(4):
-            engine.generate(roots, [6] * 4, jax.random.key(step))
-            engine.extend_many(roots, [rng.integers(1, VOCAB, 5).tolist() for _ in roots])
+            engine.generate(P, roots, [6] * 4, jax.random.key(step))
+            engine.extend_many(P, roots, [rng.integers(1, VOCAB, 5).tolist() for _ in roots])
         branches = engine.allocate(4)
         engine.fork_many(roots, branches, [6, 8, 10, 7])
-        engine.generate(branches + roots, [5] * 8, jax.random.key(9))
+        engine.generate(P, branches + roots, [5] * 8, jax.random.key(9))
         return engine
 
-    before = workload().compile_count
-    engine = workload()
-    # A second identical rollout (e.g. the next training step) compiles nothing new.
+    first = workload()
+    before = first.compile_count
+    assert 0 < before <= 16  # a few buckets, not one program per call (the workload makes 17)
+    compiled = []
+    listener = lambda event, seconds, **kw: compiled.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        engine = workload()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # A second identical rollout (e.g. the next training step, another engine) uses the same
+    # programs and compiles nothing.
     assert engine.compile_count == before
-    # Programs this workload needs: bounded by the buckets (batch x kv length, prefill widths).
+    assert not [e for e in compiled if "backend_compile" in e], compiled
+    # Programs a long generation needs: bounded by the buckets (batch x kv length).
     fresh = make_engine(model, num_slots=16, max_len=96, decode_chunk=16)  # new static arg
-    start = fresh.compile_count
     roots = fresh.allocate(4)
-    fresh.prefill_many(roots, [[1, 2, 3]] * 4)
-    fresh.generate(roots, [60] * 4, jax.random.key(0))
+    fresh.prefill_many(P, roots, [[1, 2, 3]] * 4)
+    start = fresh.compile_count
+    fresh.generate(P, roots, [60] * 4, jax.random.key(0))
     assert fresh.compile_count - start <= 4  # decode at kv 32/64/96 (+ nothing else new)
 
 
 def test_bad_inputs_give_clear_errors(model):
+    P = nnx.state(model)  # the policy's parameters, passed to every call
     engine = make_engine(model, num_slots=2, max_len=16)
     with pytest.raises(RuntimeError, match="num_slots"):
         engine.allocate(3)
     (slot,) = engine.allocate(1)
     with pytest.raises(ValueError, match="max_len"):
-        engine.prefill(slot, list(range(1, 18)))
+        engine.prefill(P, slot, list(range(1, 18)))
     with pytest.raises(ValueError, match="not allocated"):
-        engine.generate([1], [4], jax.random.key(0))
+        engine.generate(P, [1], [4], jax.random.key(0))
     with pytest.raises(ValueError, match="decode"):
         Engine(model, num_slots=1, max_len=8, eos_token_ids=[0], stop_strings=("</s>",))
     with pytest.raises(ValueError, match="top_p"):

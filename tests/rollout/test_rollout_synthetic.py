@@ -15,8 +15,9 @@ from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.synthetic import build_synthetic_world, load_tokenizer
 from atpo_jax.rollout.engine import Engine
 from atpo_jax.rollout.sampling import SamplingParams
+from atpo_jax.rollout.settings import RolloutSettings
 from atpo_jax.rollout.trace import render_html, tree_records, write_trace
-from atpo_jax.rollout.tree_search import RolloutConfig, TreeSearch
+from atpo_jax.rollout.tree_search import TreeSearch
 from atpo_jax.tools.bm25 import LocalBM25Retriever
 from atpo_jax.tools.search import SearchTool
 from atpo_jax.tools.toolbox import Toolbox
@@ -49,7 +50,8 @@ def tiny_model(vocab: int) -> models.CausalLM:
 
 
 def make_search(tokenizer, toolbox, **config):
-    cfg = RolloutConfig(
+    """A tree search over the world with a random policy, and that policy's parameters."""
+    cfg = RolloutSettings(
         initial_rollouts=3,
         expansion_iterations=2,
         beam_size=2,
@@ -59,8 +61,9 @@ def make_search(tokenizer, toolbox, **config):
         observation_margin=8,
         **config,
     )
+    model = tiny_model(len(tokenizer))
     engine = Engine(
-        tiny_model(len(tokenizer)),
+        model,
         num_slots=24,
         max_len=112,
         eos_token_ids=[tokenizer.eos_token_id],
@@ -70,7 +73,7 @@ def make_search(tokenizer, toolbox, **config):
         decode_chunk=16,
         kv_bucket=32,
     )
-    return TreeSearch(
+    search = TreeSearch(
         engine,
         tokenizer,
         toolbox,
@@ -78,24 +81,26 @@ def make_search(tokenizer, toolbox, **config):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return search, nnx.state(model)
 
 
 def test_random_model_trees_are_well_formed(world):
     tokenizer, prompts, toolbox = world
-    out = make_search(tokenizer, toolbox).rollout(prompts, step=0)
-    batch = out.batch
+    search, params = make_search(tokenizer, toolbox)
+    out = search.rollout(params, prompts, step=0)
+    batch, nodes = out.rows, out.nodes
     assert batch.response_tokens.shape == (3 * 7, 48)
     np.testing.assert_array_equal(batch.tree_index, np.repeat(np.arange(3), 7))
     for b, tree in enumerate(out.trees):
         assert len(tree.leaves()) == 3 + 2 * 2
-        valid = batch.valid[b]
-        assert valid[0] and batch.parent[b, 0] == -1
+        valid = nodes.valid[b]
+        assert valid[0] and nodes.parent[b, 0] == -1
         idx = np.flatnonzero(valid)[1:]
-        assert np.all(batch.parent[b, idx] < idx)
+        assert np.all(nodes.parent[b, idx] < idx)
         # The prompt is kept once per tree, left-padded.
         n = len(tree.prompt)
         np.testing.assert_array_equal(batch.prompt_tokens[b, -n:], tree.prompt)
-    for r, row in enumerate(out.rows):
+    for r, row in enumerate(out.row_info):
         tree = out.trees[row.tree]
         tokens = [t for i in tree.path(row.leaf) for t in tree.nodes[i].tokens]
         mask = [m for i in tree.path(row.leaf) for m in tree.nodes[i].loss_mask]
@@ -115,8 +120,9 @@ def test_random_model_trees_are_well_formed(world):
 
 def test_trace_jsonl_and_html(world, tmp_path):
     tokenizer, prompts, toolbox = world
-    out = make_search(tokenizer, toolbox).rollout(prompts[:2], step=4)
-    values = np.random.default_rng(0).normal(size=out.batch.parent.shape)
+    search, params = make_search(tokenizer, toolbox)
+    out = search.rollout(params, prompts[:2], step=4)
+    values = np.random.default_rng(0).normal(size=out.nodes.parent.shape)
     records = tree_records(
         out.trees,
         tokenizer.decode,

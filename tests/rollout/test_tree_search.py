@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import time
+import threading
+from typing import Any
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from atpo_jax import kernels
 from atpo_jax.rollout.engine import Engine
 from atpo_jax.rollout.sampling import SamplingParams
-from atpo_jax.rollout.tree_search import TOOL_FAILURE_TEXT, RolloutConfig, TreeSearch
+from atpo_jax.rollout.settings import RolloutSettings
+from atpo_jax.rollout.tree_search import TOOL_FAILURE_TEXT, TreeSearch
 from atpo_jax.tools.base import ToolResult
 from atpo_jax.tools.parsing import CALL_LIMIT_WARNING
 from atpo_jax.tools.toolbox import Toolbox
@@ -69,22 +72,45 @@ def table(**rows):
 
 
 class ScriptedTool:
-    """A search tool that answers "doc" (or fails) and counts its calls."""
+    """A search tool that answers "doc" (or fails) and counts its calls; with ``release`` (an
+    event) a call blocks until the test sets it."""
 
     tag = "search"
 
-    def __init__(self, ok=True, delay=0.0):
-        self.ok, self.delay, self.calls = ok, delay, []
+    def __init__(self, ok=True, release: threading.Event | None = None):
+        self.ok, self.release, self.calls, self.finished = ok, release, [], 0
 
     def run(self, content):
         self.calls.append(content)
-        time.sleep(self.delay)
+        if self.release is not None:
+            self.release.wait(timeout=60)
+        self.finished += 1
         if not self.ok:
             return ToolResult(ok=False, text="", status="error", error="retriever down")
         return ToolResult(ok=True, text="doc", status="ok")
 
 
-def make_search(logits, *, tool=None, num_slots=64, max_len=64, **config):
+@dataclasses.dataclass
+class Scripted:
+    """A tree search and the parameters of its scripted policy (passed to every rollout)."""
+
+    search: TreeSearch
+    params: Any
+
+    @property
+    def engine(self) -> Engine:
+        return self.search.engine
+
+    def run(self, prompts, step, tree_ids=None):
+        return self.search.run(self.params, prompts, step, tree_ids)
+
+    def rollout(self, prompts, step, tree_ids=None):
+        return self.search.rollout(self.params, prompts, step, tree_ids)
+
+
+def make_search(
+    logits, *, tool=None, num_slots=64, max_len=64, seed=0, tool_timeout_s=120.0, **config
+):
     tokenizer = PieceTokenizer(PIECES, eos=EOS)
     defaults = dict(
         initial_rollouts=3,
@@ -96,10 +122,11 @@ def make_search(logits, *, tool=None, num_slots=64, max_len=64, **config):
         observation_margin=2,
     )
     defaults.update(config)
-    cfg = RolloutConfig(**defaults)
+    settings = RolloutSettings(**defaults)
     toolbox = Toolbox([tool or ScriptedTool()])
+    model = logit_table_model(logits)
     engine = Engine(
-        logit_table_model(logits),
+        model,
         num_slots=num_slots,
         max_len=max_len,
         eos_token_ids=[EOS],
@@ -109,7 +136,11 @@ def make_search(logits, *, tool=None, num_slots=64, max_len=64, **config):
         decode_chunk=8,
         kv_bucket=16,
     )
-    return TreeSearch(engine, tokenizer, toolbox, cfg, eos_token_id=EOS)
+    search = TreeSearch(
+        engine, tokenizer, toolbox, settings, eos_token_id=EOS, seed=seed,
+        tool_timeout_s=tool_timeout_s,
+    )  # fmt: skip
+    return Scripted(search, nnx.state(model))
 
 
 def branching_table():
@@ -129,30 +160,35 @@ def test_tree_shape_rows_and_token_in_token_out():
 
     search.engine.release = capture
     out = search.rollout([[Q], [R, Q]], step=0)
-    batch = out.batch
-    assert batch.response_tokens.shape == (14, 60)
-    np.testing.assert_array_equal(batch.tree_index, np.repeat([0, 1], 7))
+    rows, nodes = out.rows, out.nodes
+    assert rows.response_tokens.shape == (14, 60)
+    np.testing.assert_array_equal(rows.tree_index, np.repeat([0, 1], 7))
     for tree_idx, tree in enumerate(out.trees):
         assert len(tree.leaves()) == 3 + 2 * 2
-        valid = batch.valid[tree_idx]
-        parents = batch.parent[tree_idx][valid]
+        valid = nodes.valid[tree_idx]
+        parents = nodes.parent[tree_idx][valid]
         assert parents[0] == -1 and np.all(parents[1:] < np.arange(1, valid.sum()))
-    for r, row in enumerate(out.rows):
+    sequences = []
+    for r, row in enumerate(out.row_info):
         tree = out.trees[row.tree]
-        path = tree.path(row.leaf)
+        path = tree.path(tree.leaves()[r % 7])
+        assert [tree.live_nodes().index(i) for i in path][-1] == row.leaf
         tokens = [t for i in path for t in tree.nodes[i].tokens]
         n = len(tokens)
-        np.testing.assert_array_equal(batch.response_tokens[r, :n], tokens)
-        assert np.all(batch.token_node[r, n:] == -1) and np.all(batch.loss_mask[r, n:] == 0)
+        np.testing.assert_array_equal(rows.response_tokens[r, :n], tokens)
+        assert np.all(rows.token_node[r, n:] == -1) and np.all(rows.loss_mask[r, n:] == 0)
         # Loss mask is 1 exactly on sampled tokens (inserted pieces are never sampled).
-        sampled = ~np.isin(batch.response_tokens[r, :n], list(INSERTED))
-        np.testing.assert_array_equal(batch.loss_mask[r, :n], sampled.astype(int))
-        assert np.all(batch.sampled_log_probs[r, :n][sampled] <= 0)
-        assert np.all(batch.sampled_log_probs[r, :n][~sampled] == 0)
-        # Token-in/token-out: the row is byte for byte what the leaf's engine slot held.
-        leaf = tree.nodes[row.leaf]
-        assert captured[leaf.slot] == tree.prompt + tokens
+        sampled = ~np.isin(rows.response_tokens[r, :n], list(INSERTED))
+        np.testing.assert_array_equal(rows.loss_mask[r, :n], sampled.astype(int))
+        assert np.all(rows.sampled_log_probs[r, :n][sampled] <= 0)
+        assert np.all(rows.sampled_log_probs[r, :n][~sampled] == 0)
         assert out.texts[r] == PieceTokenizer(PIECES).decode(tokens, skip_special_tokens=True)
+        sequences.append(tree.prompt + tokens)
+    # Token-in/token-out: every row is byte for byte what one chain's engine slot held (each chain
+    # ends in one leaf; the other slots held the prompts).
+    held = sorted(captured.values())
+    prompts = [[Q]] * 1 + [[R, Q]]
+    assert held == sorted(sequences + prompts)
 
 
 def test_selection_follows_the_kernel_on_each_round():
@@ -226,13 +262,13 @@ def test_call_limit_inserts_a_masked_warning_and_continues():
     out = search.rollout([[Q]], step=0)
     assert len(tool.calls) == 3 * 2  # two calls per chain, the third is not executed
     for r in range(3):
-        tokens = out.batch.response_tokens[r]
-        mask = out.batch.loss_mask[r]
+        tokens = out.rows.response_tokens[r]
+        mask = out.rows.loss_mask[r]
         where = int(np.flatnonzero(tokens == WARN)[0])
         assert mask[where] == 0
         assert tokens[where - 1] == CLOSE  # the 3rd call's closing tag, then the warning
         assert tokens[where + 1 : where + 5].tolist() == [ANSWER, 10, 11, EOS]
-        assert out.rows[r].finish == "eos" and out.rows[r].tool_calls == 2
+        assert out.row_info[r].finish == "eos" and out.row_info[r].tool_calls == 2
     assert out.metrics["rollout/call_limit_hits"] == 3
 
 
@@ -242,8 +278,8 @@ def test_tool_failure_ends_the_chain_after_the_closing_tag():
     )
     out = search.rollout([[Q]], step=0)
     for r in range(3):
-        assert out.batch.response_tokens[r, :4].tolist() == [SEARCH, QUERY, CLOSE, 0]
-        assert out.rows[r].length == 3 and out.rows[r].finish == "tool_failure"
+        assert out.rows.response_tokens[r, :4].tolist() == [SEARCH, QUERY, CLOSE, 0]
+        assert out.row_info[r].length == 3 and out.row_info[r].finish == "tool_failure"
     assert out.metrics["rollout/tool_failures"] == 3
 
 
@@ -257,9 +293,9 @@ def test_tool_failure_can_insert_an_error_observation():
         call_limit=1,
     )
     out = search.rollout([[Q]], step=0)
-    row = out.batch.response_tokens[0]
+    row = out.rows.response_tokens[0]
     assert 14 in row.tolist()  # the failure note is the observation, with mask 0
-    assert out.batch.loss_mask[0][row == 14].tolist() == [0]
+    assert out.rows.loss_mask[0][row == 14].tolist() == [0]
 
 
 def test_real_retriever_down_fails_fast_and_never_hangs():
@@ -279,28 +315,31 @@ def test_real_retriever_down_fails_fast_and_never_hangs():
             expansion_iterations=0,
             samples_per_tree=3,
         )
-        start = time.perf_counter()
         out = search.rollout([[Q]], step=0)
-        assert time.perf_counter() - start < 30
-        assert all(row.finish == "tool_failure" for row in out.rows)
+        assert all(row.finish == "tool_failure" for row in out.row_info)
     finally:
         retriever.close()
 
 
 def test_stuck_tool_counts_as_failed_after_its_deadline():
+    release = threading.Event()
+    tool = ScriptedTool(release=release)
     search = make_search(
         branching_table(),
-        tool=ScriptedTool(delay=2.0),
+        tool=tool,
         expansion_iterations=0,
         initial_rollouts=2,
         samples_per_tree=2,
         tool_timeout_s=0.2,
     )
-    start = time.perf_counter()
-    out = search.rollout([[Q]], step=0)
-    assert time.perf_counter() - start < 2.0
+    try:
+        out = search.rollout([[Q]], step=0)
+        # The rollout returned while both calls were still blocked: it did not wait for them.
+        assert len(tool.calls) == 2 and tool.finished == 0
+    finally:
+        release.set()
     assert out.metrics["rollout/tool_timeouts"] == 2
-    assert all(row.finish == "tool_failure" for row in out.rows)
+    assert all(row.finish == "tool_failure" for row in out.row_info)
 
 
 def test_empty_tool_content_appends_a_trained_eos_and_ends_the_chain():
@@ -308,16 +347,16 @@ def test_empty_tool_content_appends_a_trained_eos_and_ends_the_chain():
         table(**{str(SEARCH): {CLOSE: 0.0}}), expansion_iterations=0, samples_per_tree=2
     )
     out = search.rollout([[Q]], step=0)
-    np.testing.assert_array_equal(out.batch.response_tokens[0, :4], [SEARCH, CLOSE, EOS, 0])
-    np.testing.assert_array_equal(out.batch.loss_mask[0, :4], [1, 1, 1, 0])
-    assert out.rows[0].finish == "empty_call" and out.rows[0].tool_calls == 1
+    np.testing.assert_array_equal(out.rows.response_tokens[0, :4], [SEARCH, CLOSE, EOS, 0])
+    np.testing.assert_array_equal(out.rows.loss_mask[0, :4], [1, 1, 1, 0])
+    assert out.row_info[0].finish == "empty_call" and out.row_info[0].tool_calls == 1
     leaf = make_search(
         table(**{str(SEARCH): {CLOSE: 0.0}}),
         expansion_iterations=0,
         samples_per_tree=2,
         empty_call="leaf",
     ).rollout([[Q]], step=0)
-    np.testing.assert_array_equal(leaf.batch.response_tokens[0, :3], [SEARCH, CLOSE, 0])
+    np.testing.assert_array_equal(leaf.rows.response_tokens[0, :3], [SEARCH, CLOSE, 0])
 
 
 def test_a_turn_hitting_the_length_limit_is_a_leaf():
@@ -325,8 +364,8 @@ def test_a_turn_hitting_the_length_limit_is_a_leaf():
         table(**{str(Q): {FILLER: 0.0}}), expansion_iterations=0, samples_per_tree=2, max_len=24
     )
     out = search.rollout([[Q]], step=0)
-    assert all(row.finish == "length" and row.length == 20 for row in out.rows)
-    assert np.all(out.batch.response_tokens[:, :20] == FILLER)
+    assert all(row.finish == "length" and row.length == 20 for row in out.row_info)
+    assert np.all(out.rows.response_tokens[:, :20] == FILLER)
 
 
 def test_same_seed_same_batch_and_different_seeds_differ():
@@ -335,15 +374,19 @@ def test_same_seed_same_batch_and_different_seeds_differ():
     def arrays(seed, step=0):
         out = make_search(logits, seed=seed).rollout([[Q], [R, Q]], step=step)
         return {
-            f.name: np.asarray(getattr(out.batch, f.name)) for f in dataclasses.fields(out.batch)
+            f"{part}.{f.name}": np.asarray(getattr(arrays, f.name))
+            for part, arrays in (("rows", out.rows), ("nodes", out.nodes))
+            for f in dataclasses.fields(arrays)
         }
 
     first, again = arrays(0), arrays(0)
     for name in first:
         np.testing.assert_array_equal(first[name], again[name], err_msg=name)
     other = arrays(1)
-    assert any(not np.array_equal(first[n], other[n]) for n in ("response_tokens", "parent"))
-    assert not np.array_equal(first["response_tokens"], arrays(0, step=1)["response_tokens"])
+    names = ("rows.response_tokens", "nodes.parent")
+    assert any(not np.array_equal(first[n], other[n]) for n in names)
+    tokens = "rows.response_tokens"
+    assert not np.array_equal(first[tokens], arrays(0, step=1)[tokens])
 
 
 def test_random_expansion_picks_distinct_candidates_when_there_are_enough():
@@ -372,7 +415,7 @@ def test_chain_mode_and_leaf_count_fixing():
     assert all(trees[0].nodes[i].branch_of is None for i in range(len(trees[0].nodes)))
     # 3 + 2x2 = 7 leaves grown, 5 kept (random pruning) or 9 (duplication of the last BFS leaf).
     pruned = make_search(branching_table(), samples_per_tree=5).rollout([[Q]], step=0)
-    assert pruned.batch.response_tokens.shape[0] == 5 and len(pruned.trees[0].leaves()) == 5
+    assert pruned.rows.response_tokens.shape[0] == 5 and len(pruned.trees[0].leaves()) == 5
     grown = make_search(branching_table(), samples_per_tree=9).rollout([[Q]], step=0)
     leaves = grown.trees[0].leaves()
     assert len(leaves) == 9
@@ -383,11 +426,11 @@ def test_chain_mode_and_leaf_count_fixing():
 def test_waves_respect_the_slot_pool_and_bad_configs_are_rejected():
     search = make_search(branching_table(), num_slots=8)  # 1 + 7 slots: one tree per wave
     out = search.rollout([[Q], [R], [Q]], step=0)
-    assert out.batch.response_tokens.shape[0] == 21
+    assert out.rows.response_tokens.shape[0] == 21
     assert search.engine.free_slots() == list(range(8))  # everything released
     with pytest.raises(ValueError, match="num_slots"):
         make_search(branching_table(), num_slots=4)
     with pytest.raises(ValueError, match="expansion_mode"):
-        RolloutConfig(expansion_mode="greedy")
+        RolloutSettings(expansion_mode="greedy")
     with pytest.raises(ValueError, match="max_prompt_len"):
         make_search(branching_table()).run([[Q] * 9], step=0)

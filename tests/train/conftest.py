@@ -24,38 +24,41 @@ def child_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory) -> str:
     """The default synthetic world, built once (``data.synthetic_dir`` of every run here)."""
-    from atpo_jax.train import components
+    from atpo_jax.builder import load_data
+    from atpo_jax.config import run_settings
 
     path = str(tmp_path_factory.mktemp("world") / "synthetic")
-    components.load_data(runs.load_config("tiny", {"data.synthetic_dir": path}), path)
+    load_data(run_settings(runs.load_config("tiny", {"data.synthetic_dir": path})), path)
     return path
 
 
 @pytest.fixture(scope="session")
 def warm_model(world_dir, tmp_path_factory) -> str:
     """A Hugging Face checkpoint of a small policy after 100 supervised steps on the demos."""
+    from flax import nnx
+
+    from atpo_jax.builder import load_data, policy_model
+    from atpo_jax.config import run_settings
     from atpo_jax.data.synthetic import read_demos
     from atpo_jax.models import save_pretrained
-    from atpo_jax.train import components
-    from atpo_jax.train.sft import encode_demonstrations, run_sft
+    from atpo_jax.train.sft import SFTSettings, encode_demonstrations, run_sft
 
-    config = runs.load_config(
-        "tiny", {**runs.TINY, **runs.SMALL_MODEL, "data.synthetic_dir": world_dir}
+    settings = run_settings(
+        runs.load_config("tiny", {**runs.TINY, **runs.SMALL_MODEL, "data.synthetic_dir": world_dir})
     )
-    data = components.load_data(config, world_dir)
-    model = components.build_policy(config, data.tokenizer)
+    data = load_data(settings, world_dir)
+    model, initial = policy_model(settings, data.tokenizer)
     rows = encode_demonstrations(
         data.tokenizer,
         read_demos(data.demos),
-        config.rollout.max_prompt_len,
-        config.rollout.max_response_len,
+        settings.rollout.max_prompt_len,
+        settings.rollout.max_response_len,
     )
-    losses = run_sft(
-        model, rows, steps=100, batch_size=16, learning_rate=1e-2, warmup_steps=10, seed=0
-    )
+    sft = SFTSettings(steps=100, batch_size=16, learning_rate=1e-2, warmup_steps=10)
+    params, losses = run_sft(nnx.graphdef(model), initial(), rows, sft, settings.optim, seed=0)
     assert float(losses[-1]) < 0.5 * float(losses[0])
     path = str(tmp_path_factory.mktemp("warm") / "hf")
-    save_pretrained(model, path, tokenizer=data.tokenizer)
+    save_pretrained(nnx.merge(nnx.graphdef(model), params), path, tokenizer=data.tokenizer)
     return path
 
 

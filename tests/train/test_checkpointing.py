@@ -38,7 +38,7 @@ TINY = models.ModelConfig(
 def _train_state(seed: int) -> dict:
     """A realistic state: nnx params, the real optimizer's state after one update, keys, ints."""
     params = nnx.state(models.CausalLM(TINY, rngs=nnx.Rngs(seed)), nnx.Param)
-    tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-2))
+    tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-2))
     opt_state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1 * (seed + 1)), params)
     _, opt_state = jax.jit(tx.update)(grads, opt_state, params)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import pytest
 
+from atpo_jax.builder import build_run
+from atpo_jax.config import run_settings
 from atpo_jax.data import read_rows, write_rows
-from atpo_jax.train import components
-from atpo_jax.train.components import ConfigError
-from atpo_jax.train.trainer import Trainer
+from atpo_jax.settings import ConfigError
 from tests.train import runs
 
 
@@ -32,32 +32,32 @@ from tests.train import runs
 def test_invalid_values_name_the_setting(overrides, message, tmp_path):
     config = runs.load_config("tiny", overrides)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        components.validate(config)
-    # The trainer validates first: no data is built, nothing compiled.
+        run_settings(config)
+    # The builder validates first: no data is built, nothing compiled.
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        Trainer(config, str(tmp_path / "run"))
+        build_run(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "synthetic").exists()
 
 
 def test_cudnn_attention_needs_a_gpu():
-    config = runs.load_config("tiny", {"model.attention_impl": "cudnn"})
+    settings = run_settings(runs.load_config("tiny", {"model.attention_impl": "cudnn"}))
     if jax.default_backend() == "gpu":
-        components.validate(config)  # accepted where the kernel exists
+        settings.model.check_backend()  # accepted where the kernel exists
     else:
         with pytest.raises(ConfigError, match="model.attention_impl='cudnn' needs a CUDA GPU"):
-            components.validate(config)
+            settings.model.check_backend()
 
 
 def test_qwen3_4b_needs_model_data_and_retriever(tmp_path):
     with pytest.raises(ConfigError) as err:
-        Trainer(runs.load_config("qwen3_4b"), str(tmp_path))
+        build_run(runs.load_config("qwen3_4b"), str(tmp_path))
     message = str(err.value)
     for setting in ("model.path", "data.train_files", "tools.retriever_url"):
         assert setting in message
     # Only the missing ones are named.
     config = runs.load_config("qwen3_4b", {"model.path": "/ckpt/Qwen3-4B"})
     with pytest.raises(ConfigError) as err:
-        components.validate(config)
+        build_run(config, str(tmp_path))
     assert "model.path" not in str(err.value).split(":")[0]
     assert "data.train_files" in str(err.value)
 
@@ -73,7 +73,7 @@ def test_missing_model_path_directory(tiny_qwen3, qa_files, tmp_path):
         {"model.path": missing, "data.train_files": qa_files["train"], "tools.corpus": "x"},
     )
     with pytest.raises(ConfigError, match="data.tokenizer_path=.*no-such-model.* does not exist"):
-        Trainer(config, str(tmp_path / "run"))
+        build_run(config, str(tmp_path / "run"))
     config = runs.load_config(
         "qwen3_4b",
         {
@@ -84,7 +84,7 @@ def test_missing_model_path_directory(tiny_qwen3, qa_files, tmp_path):
         },
     )
     with pytest.raises(ConfigError, match="tools.corpus='x' does not exist"):
-        Trainer(config, str(tmp_path / "run"))
+        build_run(config, str(tmp_path / "run"))
 
 
 def test_unreadable_data_files(tiny_qwen3, qa_files, tmp_path):
@@ -113,7 +113,7 @@ def test_unreadable_data_files(tiny_qwen3, qa_files, tmp_path):
     for overrides, message in cases:
         config = runs.load_config("qwen3_4b", _files_config(tiny_qwen3, overrides))
         with pytest.raises(ConfigError, match=message):
-            Trainer(config, str(tmp_path / "run"))
+            build_run(config, str(tmp_path / "run"))
 
 
 def test_unreadable_corpus_and_tokenizer(tiny_qwen3, qa_files, tmp_path):
@@ -128,7 +128,7 @@ def test_unreadable_corpus_and_tokenizer(tiny_qwen3, qa_files, tmp_path):
         },
     )
     with pytest.raises(ConfigError, match="tools.corpus=.*corpus.jsonl"):
-        Trainer(config, str(tmp_path / "run"))
+        build_run(config, str(tmp_path / "run"))
     empty = tmp_path / "empty"
     empty.mkdir()
     config = runs.load_config(
@@ -141,7 +141,7 @@ def test_unreadable_corpus_and_tokenizer(tiny_qwen3, qa_files, tmp_path):
         },
     )
     with pytest.raises(ConfigError, match="data.tokenizer_path=.*empty.*no tokenizer"):
-        Trainer(config, str(tmp_path / "run"))
+        build_run(config, str(tmp_path / "run"))
 
 
 def test_unreachable_retriever(world_dir, tmp_path):
@@ -156,7 +156,7 @@ def test_unreachable_retriever(world_dir, tmp_path):
         },
     )
     with pytest.raises(ConfigError, match=f"tools.retriever_url='{url}'.*did not answer"):
-        Trainer(config, str(tmp_path / "run"))
+        build_run(config, str(tmp_path / "run"))
     for overrides, message in [
         ({"tools.retries": 0}, "tools.retries=0"),
         ({"tools.retriever_url": "127.0.0.1:8000"}, "tools.retriever_url='127.0.0.1:8000'"),
@@ -165,7 +165,7 @@ def test_unreachable_retriever(world_dir, tmp_path):
             "tiny", {"data.synthetic_dir": world_dir, "tools.retriever_url": url, **overrides}
         )
         with pytest.raises(ConfigError, match=message):
-            Trainer(config, str(tmp_path / "run"))
+            build_run(config, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize(

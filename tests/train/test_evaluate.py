@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from atpo_jax import evaluate
-from atpo_jax.train.components import ConfigError
+from atpo_jax.settings import ConfigError
 from tests.train import runs
 from tests.train.multidevice import run_python
 

@@ -17,6 +17,7 @@ import json
 from atpo_jax.tools.bm25 import LocalBM25Retriever
 from atpo_jax.tools.retrieval_server import create_app, serve_in_thread
 from atpo_jax.train.metrics import read_metrics
+from atpo_jax.builder import build_run
 from atpo_jax.train.trainer import Trainer
 from tests.train.runs import load_config
 
@@ -25,12 +26,12 @@ app = create_app(LocalBM25Retriever({corpus!r}), default_topk=3)
 server = serve_in_thread(app)
 port = server.port
 overrides["tools.retriever_url"] = server.url
-trainer = Trainer(load_config("tiny", overrides), {workdir!r})
+trainer = Trainer(build_run(load_config("tiny", overrides), {workdir!r}))
 train_step = trainer.train_step
 events = []
 
 
-def step_with_outage(step):
+def step_with_outage(state, step):
     global server
     if step == 2:
         server.stop()
@@ -38,11 +39,11 @@ def step_with_outage(step):
     elif step == 3:
         server = serve_in_thread(app, port=port)
         events.append(("restarted", step))
-    return train_step(step)
+    return train_step(state, step)
 
 
 trainer.train_step = step_with_outage
-trainer.run()
+trainer.train()
 server.stop()
 emit({{"events": events, "metrics": read_metrics({workdir!r} + "/metrics.jsonl")}})
 """

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from atpo_jax import models
-from atpo_jax.train.optimizer import build_optimizer, optimizer_config
+from atpo_jax.train.optimizer import OptimizerSettings, build_optimizer
 from atpo_jax.train.policy import LossSettings, make_update_fn, policy_rows
 from tests.train import runs
 
@@ -56,7 +56,7 @@ def _fraction_changed(param_dtype) -> tuple[float, object]:
     model = models.CausalLM(_qwen3(param_dtype), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     before = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
-    tx = build_optimizer(optimizer_config(learning_rate=1e-6))
+    tx = build_optimizer(OptimizerSettings(learning_rate=1e-6))
     opt_state = tx.init(params)
     update = make_update_fn(graphdef, tx, LossSettings(), micro_rows=2, donate=False)
     new_params, new_state, metrics = update(params, opt_state, _rows())

@@ -6,13 +6,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from atpo_jax import models
+from atpo_jax.config import default_config, run_settings
+from atpo_jax.settings import ConfigError
 from atpo_jax.train import optimizer as opt
 
 
@@ -95,7 +96,7 @@ def _run(tx, params, grads_seq, use_jit):
     ],
 )
 def test_schedule_values(settings, want):
-    schedule = opt.build_schedule(opt.optimizer_config(learning_rate=0.1, **settings))
+    schedule = opt.build_schedule(opt.OptimizerSettings(learning_rate=0.1, **settings))
     for t in range(16):
         assert float(schedule(t)) == pytest.approx(want(t), rel=1e-5, abs=1e-9), t
 
@@ -107,7 +108,7 @@ def test_schedule_values(settings, want):
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("clip", [0.5, 0.0])
 def test_adamw_matches_numpy_reference(use_jit, clip):
-    config = opt.optimizer_config(
+    config = opt.OptimizerSettings(
         learning_rate=0.05,
         schedule="linear",
         warmup_steps=1,
@@ -157,7 +158,7 @@ def test_weight_decay_only_on_matrices_of_an_nnx_model():
     lr, wd = 0.1, 0.3
     optimizer = nnx.Optimizer(
         model,
-        opt.build_optimizer(opt.optimizer_config(learning_rate=lr, weight_decay=wd)),
+        opt.build_optimizer(opt.OptimizerSettings(learning_rate=lr, weight_decay=wd)),
         wrt=nnx.Param,
     )
     zeros = jax.tree.map(jnp.zeros_like, before)
@@ -185,7 +186,7 @@ def test_weight_decay_only_on_matrices_of_an_nnx_model():
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_nonfinite_gradients_are_skipped_and_counted(bad, use_jit):
     tx = opt.build_optimizer(
-        opt.optimizer_config(learning_rate=0.01, warmup_steps=2, grad_clip_norm=1.0)
+        opt.OptimizerSettings(learning_rate=0.01, warmup_steps=2, grad_clip_norm=1.0)
     )
     good = [_grads(1), _grads(2)]
     poisoned = _grads(9)
@@ -220,7 +221,7 @@ def test_nonfinite_gradients_are_skipped_and_counted(bad, use_jit):
 
 
 def test_counters_and_learning_rate_through_nnx_optimizer():
-    config = opt.optimizer_config(learning_rate=0.2, warmup_steps=4)
+    config = opt.OptimizerSettings(learning_rate=0.2, warmup_steps=4)
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, opt.build_optimizer(config), wrt=nnx.Param)
     grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
@@ -264,26 +265,36 @@ def test_counters_need_the_wrapped_state():
     ],
 )
 def test_invalid_settings_name_the_key(override, message):
-    # A plain dict: a ConfigDict would already refuse some of these wrong types itself.
-    config = {**opt.optimizer_config().to_dict(), **override}
     with pytest.raises(ValueError, match=message):
-        opt.build_optimizer(config)
+        opt.OptimizerSettings(**override)
 
 
-def test_missing_and_unknown_keys():
-    with pytest.raises(ValueError, match=r"train.optim: missing setting\(s\) b2"):
-        opt.build_optimizer(
-            {k: v for k, v in opt.optimizer_config().items() if k != "b2"}, prefix="train.optim"
-        )
-    with pytest.raises(ValueError, match=r"optim: unknown setting\(s\) lr"):
-        opt.build_optimizer({**opt.optimizer_config().to_dict(), "lr": 1.0})
-    with pytest.raises(ValueError, match="optim.lr is not an optimizer setting"):
-        opt.optimizer_config(lr=1.0)
+def test_a_config_section_is_converted_with_types_checked():
+    """The ``optim`` section of a config file (a ConfigDict) becomes the settings in one call:
+    unknown keys and wrong types are refused, naming the setting."""
+    config = default_config()
+    config.optim.learning_rate = 3  # an int where a float is expected is fine
+    assert run_settings(config).optim.learning_rate == 3.0
+    config = default_config().to_dict()
+    config["optim"]["lr"] = 1.0
+    with pytest.raises(ConfigError, match="optim.lr is not a setting of optim"):
+        run_settings(config)
+    config = default_config().to_dict()
+    config["optim"]["warmup_steps"] = "2"
+    with pytest.raises(ConfigError, match="optim.warmup_steps='2' must be an integer"):
+        run_settings(config)
+
+
+def test_total_steps_default_to_the_run_horizon():
+    cosine = opt.OptimizerSettings(schedule="cosine", warmup_steps=5)  # total_steps=0: the run's
+    assert cosine.with_horizon(40).total_steps == 40
+    assert opt.OptimizerSettings(total_steps=7).with_horizon(40).total_steps == 7
+    with pytest.raises(ConfigError, match="optim.total_steps=5 must exceed optim.warmup_steps=5"):
+        cosine.with_horizon(5)
 
 
 def test_defaults_are_the_papers():
-    config = opt.optimizer_config()
-    assert isinstance(config, ml_collections.ConfigDict)
+    config = opt.OptimizerSettings()
     assert config.learning_rate == 1e-6 and config.schedule == "constant"
     assert (config.b1, config.b2, config.weight_decay, config.grad_clip_norm) == (
         0.9,

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from atpo_jax import kernels, models
+from atpo_jax.rollout.pack import RowArrays, TreeArrays
 from atpo_jax.train.credit import CreditSettings, assign_credit
 from atpo_jax.train.policy import LossSettings, make_update_fn, policy_rows
 
@@ -108,24 +109,49 @@ def test_micro_batched_update_is_the_full_batch_gradient(policy_loss, loss_agg):
             np.testing.assert_allclose(old - new, g, rtol=1e-4, atol=1e-6)
 
 
+def _rows_arrays(tree_index, leaf_node, token_node) -> RowArrays:
+    """RowArrays with the fields credit reads (the token arrays are placeholders)."""
+    rows, length = token_node.shape
+    zeros = np.zeros((rows, length), np.int32)
+    return RowArrays(
+        prompt_tokens=np.zeros((1, 1), np.int32),
+        prompt_mask=np.ones((1, 1), np.int32),
+        response_tokens=zeros,
+        loss_mask=zeros,
+        token_node=np.asarray(token_node, np.int32),
+        sampled_log_probs=zeros.astype(np.float32),
+        tree_index=np.asarray(tree_index, np.int32),
+        leaf_node=np.asarray(leaf_node, np.int32),
+    )
+
+
 def test_grpo_credit_is_the_group_z_score_on_response_tokens():
     rng = np.random.default_rng(2)
     samples, groups, length = 4, 3, 5
     rewards = rng.choice([-1.0, 0.0, 1.0], size=groups * samples).astype(np.float32)
     rewards[:samples] = 1.0  # a group with equal rewards: advantage 0, not NaN
     token_node = rng.integers(-1, 3, (groups * samples, length)).astype(np.int32)
-    out = assign_credit(
-        jnp.full((groups, 3), -1, jnp.int32),
-        jnp.zeros((groups, 3), bool),
-        jnp.ones((groups, 3), bool),
-        jnp.zeros((groups, 3)),
-        jnp.zeros((groups, 3)),
-        jnp.asarray(rewards),
-        jnp.repeat(jnp.arange(groups), samples),
-        jnp.asarray(token_node),
-        settings=CreditSettings(mode="grpo"),
-        samples_per_tree=samples,
+    # Each group is a root with `samples` leaf children (nodes 1..samples); row i's leaf is i + 1.
+    nodes = samples + 1
+    parent = np.full((groups, nodes), 0, np.int32)
+    parent[:, 0] = -1
+    is_leaf = np.ones((groups, nodes), bool)
+    is_leaf[:, 0] = False
+    trees = TreeArrays(
+        parent=parent,
+        valid=np.ones((groups, nodes), bool),
+        is_leaf=is_leaf,
+        entropy=np.zeros((groups, nodes), np.float32),
+        leaf_reward=np.zeros((groups, nodes), np.float32),
+        depth=np.zeros((groups, nodes), np.int32),
     )
+    rows = _rows_arrays(
+        np.repeat(np.arange(groups), samples),
+        np.tile(np.arange(1, samples + 1), groups),
+        token_node,
+    )
+    trees = trees.with_leaf_rewards(rows, rewards)
+    out = assign_credit(trees, rows, settings=CreditSettings(mode="grpo"), samples_per_tree=samples)
     expected = np.zeros((groups * samples, length), np.float32)
     for g in range(groups):
         r = rewards[g * samples : (g + 1) * samples].astype(np.float64)
@@ -145,18 +171,16 @@ def test_tree_credit_is_the_kernel_chain():
     entropy = jnp.array([[0.0, 0.7, 0.2, 0.4, 0.9]])
     leaf_reward = jnp.array([[0.0, 0.0, 1.0, -1.0, 0.0]])
     token_node = jnp.array([[1, 1, 3, 3, -1], [2, 2, 2, -1, -1], [1, 1, 4, 4, 4]])
-    out = assign_credit(
-        parent,
-        is_leaf,
-        valid,
-        entropy,
-        leaf_reward,
-        jnp.array([-1.0, 1.0, 0.0]),
-        jnp.zeros(3, jnp.int32),
-        token_node,
-        settings=CreditSettings(),
-        samples_per_tree=3,
+    trees = TreeArrays(
+        parent=parent,
+        valid=valid,
+        is_leaf=is_leaf,
+        entropy=entropy,
+        leaf_reward=leaf_reward,
+        depth=jnp.zeros((1, 5), jnp.int32),
     )
+    rows = _rows_arrays(np.zeros(3, np.int32), np.array([3, 2, 4]), np.asarray(token_node))
+    out = assign_credit(trees, rows, settings=CreditSettings(), samples_per_tree=3)
     z = kernels.normalize_leaf_rewards(leaf_reward, is_leaf, valid)
     values = kernels.tree_node_values(parent, is_leaf, z, entropy, valid, mode="child_softmax")
     node_adv = kernels.tree_node_advantages(values, parent, valid, mode="node_value")

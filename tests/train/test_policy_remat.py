@@ -41,7 +41,7 @@ def _rows(rng: np.random.Generator):
 
 def test_remat_programs_equal_plain_ones():
     rows = _rows(np.random.default_rng(0))
-    tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-2))
+    tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-2))
     results = []
     for remat in (False, True):
         model = models.CausalLM(dataclasses.replace(CONFIG, remat=remat), rngs=nnx.Rngs(0))

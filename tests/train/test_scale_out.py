@@ -138,7 +138,7 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
         rows = policy.policy_rows(prompt, pmask, np.repeat(np.arange(rows_n // 4), 4), response,
                                   loss_mask, advantages=rng.normal(size=(rows_n, R)))
         settings = policy.LossSettings(policy_loss="atpo", clip_low=0.2, clip_high=0.28)
-        tx = opt.build_optimizer(opt.optimizer_config(learning_rate=1e-2, grad_clip_norm=1.0))
+        tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-2, grad_clip_norm=1.0))
 
         # One device: old log-probs (perturbed so ratios and clipping are non-trivial), one update.
         ref_lp = policy.make_log_prob_fn(graphdef, 8)(params, rows)
@@ -186,27 +186,26 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
         model.embed_tokens.embedding[...] = model.embed_tokens.embedding[...] * 20.0
         prompts = [[5, 9, 13], [7, 1, 22, 40, 3, 8, 11], [30], [2, 4, 6, 8, 10, 12, 14, 16]]
 
-        def generate(engine):
+        def generate(engine, params):
             slots = engine.allocate(len(prompts))
-            engine.prefill_many(slots, prompts)
-            first = engine.generate(slots, [12] * len(slots), jax.random.key(0))
+            engine.prefill_many(params, slots, prompts)
+            first = engine.generate(params, slots, [12] * len(slots), jax.random.key(0))
             # A branch: fork a prefix, add an observation, generate again (batch of 2).
             (dst,) = engine.allocate(1)
             engine.fork(slots[1], dst, 9)
-            engine.extend_many([dst, slots[2]], [[50, 51, 52], [60]])
-            second = engine.generate([dst, slots[2]], [10, 10], jax.random.key(1))
+            engine.extend_many(params, [dst, slots[2]], [[50, 51, 52], [60]])
+            second = engine.generate(params, [dst, slots[2]], [10, 10], jax.random.key(1))
             return [g.tokens for g in first + second], [g.log_probs for g in first + second]
 
         kwargs = dict(num_slots=8, max_len=64, eos_token_ids=[0], decode_chunk=4, kv_bucket=16,
                       sampling=SamplingParams(temperature=0.0))
-        ref_tokens, ref_lps = generate(Engine(model, **kwargs))
+        ref_tokens, ref_lps = generate(Engine(model, **kwargs), nnx.state(model))
         out["engine"] = {}
         for sizes in [(2, 2, 2)]:  # slots over data x fsdp, kv heads over tensor
             mesh = S.make_mesh(S.MeshSettings(*sizes))
-            sharded_model = nnx.merge(graphdef, S.shard_params(nnx.state(model), mesh))
             cache_sharding = cache_shardings(mesh, config, 8, 64)
-            engine = Engine(sharded_model, cache_sharding=cache_sharding, **kwargs)
-            tokens, lps = generate(engine)
+            engine = Engine(model, cache_sharding=cache_sharding, **kwargs)
+            tokens, lps = generate(engine, S.shard_params(nnx.state(model), mesh))
             out["engine"][str(sizes)] = {
                 "same_tokens": tokens == ref_tokens,
                 "lp_err": max(abs(a - b) for x, y in zip(lps, ref_lps) for a, b in zip(x, y)),
@@ -404,6 +403,7 @@ def test_trainer_on_fsdp8_and_in_two_processes_matches_one_device(tmp_path):
         from jax.sharding import SingleDeviceSharding
         from flax import nnx
         from atpo_jax import models
+        from atpo_jax.builder import build_run
         from atpo_jax.train.trainer import Trainer
 
         spec = importlib.util.spec_from_file_location("cfg", {str(CONFIG_FILE)!r})
@@ -412,26 +412,26 @@ def test_trainer_on_fsdp8_and_in_two_processes_matches_one_device(tmp_path):
         config.update_from_flattened_dict({{**{RUN!r}, "train.steps": 1, "mesh.data": 2,
                                             "mesh.fsdp": 1, "mesh.tensor": 4}})
         workdir = {str(workdirs["fsdp8"])!r}
-        trainer = Trainer(config, workdir)
-        trainer.restore(1)
+        trainer = Trainer(build_run(config, workdir))
+        state = trainer.restore(1)
         one_device = SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device)
-            if isinstance(x, jax.Array) else x, trainer.state_dict())
+            if isinstance(x, jax.Array) else x, state.checkpoint_items())
         single = trainer.checkpointer.restore(1, target=target)
         exported = nnx.state(models.from_pretrained(workdir + "/hf_export"))
         leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
         same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
-        emb = trainer.params["embed_tokens"]["embedding"][...]
+        emb = state.params["embed_tokens"]["embedding"][...]
         emit({{
-            "mesh": dict(trainer.mesh.shape),
-            "step": trainer.step,
+            "mesh": dict(trainer.run.placement.mesh.shape),
+            "step": state.step,
             "embed_spec": [a for a in emb.sharding.spec],
             "embed_shard": list(emb.addressable_shards[0].data.shape),
             "embed_shape": list(emb.shape),
-            "mesh_equals_export": same(trainer.params, exported),
+            "mesh_equals_export": same(state.params, exported),
             "single_equals_export": same(single["params"], exported),
-            "opt_state_equal": same(trainer.opt_state, single["opt_state"]),
+            "opt_state_equal": same(state.opt_state, single["opt_state"]),
             "single_devices": sorted({{d.id for x in jax.tree.leaves(single["params"])
                                       for d in x.devices()}}),
         }})

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             default=default,
             help=f"(default {default})",
         )
+    parser.add_argument("--topk", type=int, default=3, help="passages per demonstration search")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     config = SyntheticWorldConfig(
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if f.name != "demo_mistake_weights"
         }
     )
-    files = build_synthetic_world(args.out, config, overwrite=args.overwrite)
+    files = build_synthetic_world(args.out, config, topk=args.topk, overwrite=args.overwrite)
     print(json.dumps(read_manifest(files)["stats"], indent=2))
     print(f"files in {files.root}")
 

@@ -65,8 +65,8 @@ class SyntheticWorldConfig:
       seed: everything is drawn from ``random.Random(seed)``.
       num_countries, cities_per_country, num_people, num_companies: entity counts.
       validation_fraction, test_fraction: share of question subjects held out per entity kind.
-      prompt_style: ``"short"`` (compact instruction) or ``"paper"`` (the paper's instruction).
-      topk: passages per search when recording demonstrations (use the same in the rollout).
+      prompt_style: ``"short"`` (compact instruction) or ``"paper"`` (the paper's instruction), for
+        the questions' prompts and the demonstrations.
       demo_mistake_rate: share of demonstrations with one scripted mistake.
       demo_mistake_weights: relative frequency of ``wrong_search``, ``early_answer``, ``wrong_answer``.
       demo_shortcut_rate: share of the demonstrations of questions with ``demo_shortcut_hops`` or
@@ -84,7 +84,6 @@ class SyntheticWorldConfig:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     prompt_style: str = "short"
-    topk: int = 3
     demo_mistake_rate: float = 0.3
     demo_mistake_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
     demo_shortcut_rate: float = 0.0
@@ -93,11 +92,9 @@ class SyntheticWorldConfig:
     def __post_init__(self) -> None:
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(
-                f"SyntheticWorldConfig.prompt_style must be one of {sorted(PROMPT_STYLES)}, "
-                f"got {self.prompt_style!r}"
+                f"data.synthetic.prompt_style={self.prompt_style!r} is not one of "
+                f"{', '.join(sorted(PROMPT_STYLES))}"
             )
-        if self.topk < 1:
-            raise ValueError(f"SyntheticWorldConfig.topk must be >= 1, got {self.topk}")
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -235,11 +232,18 @@ def build_synthetic_world(
     out_dir: str | os.PathLike[str],
     config: SyntheticWorldConfig = SyntheticWorldConfig(),
     *,
+    topk: int = 3,
     overwrite: bool = False,
 ) -> SyntheticWorldFiles:
-    """Writes (or reuses) the synthetic world's files under ``out_dir`` and returns their paths."""
+    """Writes (or reuses) the synthetic world's files under ``out_dir`` and returns their paths.
+
+    ``topk``: passages per search when the demonstrations are recorded (the rollout's
+    ``tools.topk``, so the warm start sees the observations the policy will see).
+    """
+    if topk < 1:
+        raise ValueError(f"tools.topk must be >= 1, got {topk}")
     files = SyntheticWorldFiles(os.fspath(out_dir))
-    if not overwrite and _is_current(files, config):
+    if not overwrite and _is_current(files, config, topk):
         return files
     os.makedirs(files.root, exist_ok=True)
     rng = random.Random(config.seed)
@@ -274,7 +278,7 @@ def build_synthetic_world(
     # The index is built in a scratch directory so the output holds only deterministic files.
     with tempfile.TemporaryDirectory() as index_dir:
         retriever = LocalBM25Retriever(files.corpus, index_dir=index_dir)
-        toolbox = Toolbox([SearchTool(retriever, topk=config.topk)])
+        toolbox = Toolbox([SearchTool(retriever, topk=topk)])
         demos = make_demonstrations(
             splits["train"],
             toolbox,
@@ -293,6 +297,7 @@ def build_synthetic_world(
     manifest = {
         "format_version": FORMAT_VERSION,
         "config": config.to_json(),
+        "topk": topk,
         "stats": _stats(splits, demos, files.tokenizer),
     }
     with open(files.manifest, "w", encoding="utf-8") as f:
@@ -308,7 +313,7 @@ def _stopwords() -> set[str]:
     return {w.lower() for w in from_bm25s}
 
 
-def _is_current(files: SyntheticWorldFiles, config: SyntheticWorldConfig) -> bool:
+def _is_current(files: SyntheticWorldFiles, config: SyntheticWorldConfig, topk: int) -> bool:
     if not os.path.isfile(files.manifest):
         return False
     try:
@@ -319,6 +324,7 @@ def _is_current(files: SyntheticWorldFiles, config: SyntheticWorldConfig) -> boo
     return (
         manifest.get("format_version") == FORMAT_VERSION
         and manifest.get("config") == config.to_json()
+        and manifest.get("topk") == topk
         and all(os.path.exists(p) for p in files.all_paths())
     )
 

@@ -1,0 +1,161 @@
+"""Rollout settings (the ``rollout`` section of a run's config): tree shape, turn rules, sampling
+and the engine's pool. Defaults are the paper's (ALGORITHM.md §5)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from atpo_jax.rollout.sampling import SamplingParams
+from atpo_jax.settings import StrEnum, check, coerce_choices
+
+
+class RolloutMode(StrEnum):
+    TREE = "tree"  # AT²PO: initial chains, then entropy-guided expansion rounds
+    CHAIN = "chain"  # samples_per_tree independent chains per prompt (the GRPO baselines)
+
+
+class ExpansionMode(StrEnum):
+    ENTROPY = "entropy"  # kernels.select_expansion_nodes: entropy minus a sibling penalty
+    RANDOM = "random"  # uniformly among the non-leaf nodes (the paper's ablation)
+
+
+class EntropyEstimator(StrEnum):
+    SAMPLED_NLL = "sampled_nll"  # mean NLL of the turn's sampled tokens (the paper)
+    EXACT = "exact"  # mean exact entropy of the sampling distribution
+
+
+class EmptyCallRule(StrEnum):
+    EOS = "eos"  # the reference: append EOS (trained, mask 1) and end the chain
+    LEAF = "leaf"  # just end the chain
+
+
+class ToolFailureRule(StrEnum):
+    LEAF = "leaf"  # the reference's tree rollout: the chain ends after the closing tag
+    ERROR_TEXT = "error_text"  # the reference's chain rollout: a failure note, then continue
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """How trees are grown, how turns end, how tokens are sampled, and the engine's KV pool.
+
+    Attributes:
+      mode: ``tree`` (AT²PO) or ``chain`` (independent chains, the GRPO baselines).
+      initial_rollouts, expansion_iterations, beam_size: the tree shape (I, E, B): I chains, then
+        E rounds that each branch B picked nodes of every tree.
+      samples_per_tree: leaves kept per tree (training rows per prompt); a tree recipe must grow
+        exactly I + E·B (checked by the run), otherwise leaves are pruned or duplicated.
+      expansion_mode: ``entropy`` or ``random``.
+      expansion_penalty: α in score = entropy − α · max(0, siblings − 1).
+      entropy_estimator: the branching signal: ``sampled_nll`` (the paper) or ``exact``.
+      max_prompt_len, max_response_len: token limits; the response budget is per row.
+      call_limit: tool calls per chain; later calls get a (masked) warning and generation goes on.
+      observation_margin: a tool result that does not fit is cut to leave this many tokens.
+      empty_call: ``eos`` (the reference: a trained EOS ends the chain) or ``leaf``.
+      tool_failure: ``leaf`` (end the chain) or ``error_text`` (insert a failure note, continue).
+      tool_workers: concurrent tool calls.
+      temperature, top_p, top_k: sampling (temperature 0 = greedy; top_k 0 and top_p 1 = off).
+      num_slots: KV-cache sequences of the engine; trees run in waves that fit.
+      decode_chunk: decode steps per device call between host stop-string checks.
+      kv_bucket: granularity of the attended cache length (attention cost follows it).
+      trace_every: write an HTML/JSONL tree trace every k training steps (0: never).
+    """
+
+    mode: RolloutMode = RolloutMode.TREE
+    initial_rollouts: int = 10
+    expansion_iterations: int = 2
+    beam_size: int = 6
+    samples_per_tree: int = 22
+    expansion_mode: ExpansionMode = ExpansionMode.ENTROPY
+    expansion_penalty: float = 0.05
+    entropy_estimator: EntropyEstimator = EntropyEstimator.SAMPLED_NLL
+    max_prompt_len: int = 2000
+    max_response_len: int = 6192
+    call_limit: int = 6
+    observation_margin: int = 100
+    empty_call: EmptyCallRule = EmptyCallRule.EOS
+    tool_failure: ToolFailureRule = ToolFailureRule.LEAF
+    tool_workers: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_slots: int = 256
+    decode_chunk: int = 32
+    kv_bucket: int = 256
+    trace_every: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "rollout")
+        for name in (
+            "initial_rollouts",
+            "samples_per_tree",
+            "max_prompt_len",
+            "max_response_len",
+            "tool_workers",
+            "num_slots",
+            "decode_chunk",
+            "kv_bucket",
+        ):
+            check(
+                getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}"
+            )
+        for name in (
+            "expansion_iterations",
+            "beam_size",
+            "call_limit",
+            "observation_margin",
+            "top_k",
+            "trace_every",
+        ):
+            check(
+                getattr(self, name) >= 0, f"rollout.{name} must be >= 0, got {getattr(self, name)}"
+            )
+        check(self.temperature >= 0, f"rollout.temperature must be >= 0, got {self.temperature}")
+        check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def initial_chains(self) -> int:
+        """Chains started from the prompt before any expansion."""
+        return self.samples_per_tree if self.mode == RolloutMode.CHAIN else self.initial_rollouts
+
+    @property
+    def chains_per_tree(self) -> int:
+        """Chains (hence leaves) a tree grows before pruning/duplication."""
+        if self.mode == RolloutMode.CHAIN:
+            return self.samples_per_tree
+        return self.initial_rollouts + self.expansion_iterations * self.beam_size
+
+    @property
+    def rounds(self) -> int:
+        return 0 if self.mode == RolloutMode.CHAIN else self.expansion_iterations
+
+    @property
+    def max_len(self) -> int:
+        """Tokens per sequence: prompt plus response."""
+        return self.max_prompt_len + self.max_response_len
+
+    @property
+    def samples_from_policy(self) -> bool:
+        """Whether the sampler draws from the policy itself (temperature 1, no truncation), so
+        its log-probs are the policy's."""
+        return self.temperature == 1.0 and self.top_p >= 1.0 and self.top_k <= 0
+
+    def sampling(self, vocab_limit: int | None, *, greedy: bool = False) -> SamplingParams:
+        """The engine's sampling parameters (greedy for evaluation)."""
+        return SamplingParams(
+            temperature=0.0 if greedy else self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            vocab_limit=vocab_limit,
+        )
+
+    def for_evaluation(self, max_response_len: int = 0) -> RolloutSettings:
+        """Validation (ALGORITHM.md §1.6): one greedy chain per question (``max_response_len``
+        0 keeps the training budget)."""
+        return dataclasses.replace(
+            self,
+            mode=RolloutMode.CHAIN,
+            samples_per_tree=1,
+            initial_rollouts=1,
+            expansion_iterations=0,
+            max_response_len=max_response_len or self.max_response_len,
+        )

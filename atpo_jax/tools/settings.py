@@ -1,0 +1,103 @@
+"""The agent's tools (the ``tools`` section of a run's config) and the toolbox they build."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from atpo_jax.settings import ConfigError, check
+from atpo_jax.tools.bm25 import LocalBM25Retriever
+from atpo_jax.tools.corpus import CorpusError
+from atpo_jax.tools.http_retriever import HttpRetriever, RetryPolicy
+from atpo_jax.tools.python_sandbox import PythonSandboxConfig, PythonTool
+from atpo_jax.tools.search import SearchTool
+from atpo_jax.tools.toolbox import Toolbox
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSettings:
+    """Search (a local BM25 index or an HTTP retrieval service) and the optional python tool.
+
+    Attributes:
+      corpus: JSONL corpus (``id``, ``contents``) for the local BM25 retriever; default for the
+        synthetic world: its own corpus.
+      retriever_url: a Search-R1/ATPO ``/retrieve`` service (e.g. ``http://127.0.0.1:8000/retrieve``);
+        takes precedence over ``corpus``.
+      topk: passages returned per search (the reference: 3).
+      max_passage_chars: each passage is cut to this many characters.
+      timeout_s: HTTP read timeout per attempt.
+      retries: HTTP attempts per request (>= 1), with exponential backoff between them.
+      cache_path: an on-disk record/replay cache of HTTP answers ("" = none).
+      python: enable the sandboxed python tool (``<python>...</python>``).
+    """
+
+    corpus: str = ""
+    retriever_url: str = ""
+    topk: int = 3
+    max_passage_chars: int = 1000
+    timeout_s: float = 30.0
+    retries: int = 4
+    cache_path: str = ""
+    python: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.topk >= 1, f"tools.topk={self.topk} must be >= 1")
+        check(self.max_passage_chars >= 1, "tools.max_passage_chars must be >= 1")
+        check(
+            self.timeout_s > 0 and self.retries >= 1,
+            f"tools.timeout_s={self.timeout_s} / tools.retries={self.retries}: the timeout must "
+            "be > 0 and tools.retries counts attempts, >= 1",
+        )
+
+    @property
+    def call_deadline_s(self) -> float:
+        """How long the rollout waits for one tool call: every attempt plus one for backoff."""
+        return max(self.timeout_s * (self.retries + 1), 1.0)
+
+
+def build_toolbox(
+    settings: ToolSettings, *, default_corpus: str | None, max_workers: int
+) -> Toolbox:
+    """Search (HTTP service, else local BM25 over ``settings.corpus or default_corpus``) plus the
+    python tool when enabled. Raises ``ConfigError`` naming the setting for a bad URL or corpus."""
+    if settings.retriever_url:
+        retry = RetryPolicy(
+            read_timeout_s=settings.timeout_s,
+            connect_timeout_s=min(5.0, settings.timeout_s),
+            max_attempts=settings.retries,
+        )
+        try:
+            retriever = HttpRetriever(
+                settings.retriever_url, retry=retry, cache_path=settings.cache_path or None
+            )
+        except ValueError as e:
+            raise ConfigError(f"tools.retriever_url={settings.retriever_url!r}: {e}") from e
+    else:
+        corpus = settings.corpus or default_corpus
+        if not corpus:
+            raise ConfigError(
+                "no retriever: set tools.retriever_url (a Search-R1 /retrieve service) or "
+                "tools.corpus (a JSONL corpus with id/contents for the local BM25 index)"
+            )
+        if not os.path.exists(corpus):
+            raise ConfigError(f"tools.corpus={corpus!r} does not exist: point it at a JSONL corpus")
+        try:
+            retriever = LocalBM25Retriever(corpus)
+        except CorpusError as e:
+            raise ConfigError(f"tools.corpus={corpus!r}: {e}") from e
+    tools = [SearchTool(retriever, topk=settings.topk, max_chars=settings.max_passage_chars)]
+    if settings.python:
+        tools.append(PythonTool(PythonSandboxConfig(enabled=True)))
+    return Toolbox(tools, max_workers=max_workers)
+
+
+def check_retriever(toolbox: Toolbox, settings: ToolSettings) -> None:
+    """Fails fast (one clear message) when an HTTP search service cannot answer a probe query."""
+    if not settings.retriever_url:
+        return
+    result = toolbox.run("search", "probe")
+    if not result.ok:
+        raise ConfigError(
+            f"the retriever (tools.retriever_url={settings.retriever_url!r}) did not answer a "
+            f"probe query: {result.status}: {result.error}. Start the service or fix the setting."
+        )

@@ -1,0 +1,183 @@
+"""Every leaf of the config is read by a run: no dead settings.
+
+The settings dataclasses are instrumented so that every read of a field by the package's own code
+is recorded (reads inside ``__post_init__`` validation, by the ConfigDict conversion, or by
+``dataclasses`` helpers such as ``replace``/``asdict`` do not count: they would "read" a setting
+nothing uses). Then each variant of ``configs/search_qa.py`` is built and trained for one step,
+with the switches that take the code down its other branches (a policy that calls tools, the PPO
+loss with a KL term, GRPO credit, an HTTP retriever). A config leaf that none of these runs reads
+fails the test, naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sys
+
+import pytest
+
+import atpo_jax
+from atpo_jax.builder import build_run, default_workdir
+from atpo_jax.config import default_config, run_settings
+from atpo_jax.settings import field_types
+from atpo_jax.tools.bm25 import LocalBM25Retriever
+from atpo_jax.tools.retrieval_server import create_app, serve_in_thread
+from atpo_jax.train.metrics import read_metrics
+from atpo_jax.train.settings import RunSettings
+from atpo_jax.train.trainer import Trainer
+from tests.train import runs
+
+PACKAGE = str(pathlib.Path(atpo_jax.__file__).parent) + os.sep
+# The conversion and the shared helpers read every field by construction.
+NOT_CONSUMERS = {PACKAGE + "config.py", PACKAGE + "settings.py"}
+
+
+def settings_classes(cls: type = RunSettings, path: str = "") -> dict[str, tuple[type, str]]:
+    """Every config leaf path -> (its settings dataclass, its field name)."""
+    leaves = {}
+    for field in dataclasses.fields(cls):
+        kind = field_types(cls)[field.name]
+        name = f"{path}{field.name}"
+        if dataclasses.is_dataclass(kind):
+            leaves.update(settings_classes(kind, name + "."))
+        else:
+            leaves[name] = (cls, field.name)
+    return leaves
+
+
+LEAVES = settings_classes()
+
+
+class ReadRecorder:
+    """Records (class, field) reads of the settings dataclasses from the package's code."""
+
+    def __init__(self, monkeypatch):
+        self.reads: set[tuple[type, str]] = set()
+        self.validating = 0
+        for cls in {c for c, _ in LEAVES.values()} | {RunSettings}:
+            fields = frozenset(f.name for f in dataclasses.fields(cls))
+            monkeypatch.setattr(cls, "__getattribute__", self._getattribute(cls, fields))
+            if "__post_init__" in vars(cls):
+                monkeypatch.setattr(cls, "__post_init__", self._validation(cls.__post_init__))
+
+    def _getattribute(self, cls, fields):
+        def getattribute(obj, name):
+            if name in fields and not self.validating:
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(PACKAGE) and caller not in NOT_CONSUMERS:
+                    self.reads.add((cls, name))
+            return object.__getattribute__(obj, name)
+
+        return getattribute
+
+    def _validation(self, post_init):
+        def wrapped(obj):
+            self.validating += 1
+            try:
+                post_init(obj)
+            finally:
+                self.validating -= 1
+
+        return wrapped
+
+    def unread(self) -> list[str]:
+        return sorted(path for path, read in LEAVES.items() if read not in self.reads)
+
+
+def _train_one_step(config, workdir: str) -> list[dict]:
+    """What ``python -m atpo_jax.launch`` does with ``config``, for one step."""
+    settings = run_settings(config)
+    default_workdir(settings)
+    trainer = Trainer(build_run(settings, workdir))
+    trainer.train()
+    return read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def recorded_runs(world_dir, warm_model, tiny_qwen3, qa_files, tmp_path_factory):
+    """The reads of three runs that, together, take every branch a setting steers."""
+    monkeypatch = pytest.MonkeyPatch()
+    recorder = ReadRecorder(monkeypatch)
+    root = tmp_path_factory.mktemp("coverage")
+    short = {
+        **runs.TINY,
+        "train.steps": 1,
+        "eval.max_questions": 2,
+        "eval.batch_prompts": 2,
+        "logging.plot": True,
+    }
+    server = serve_in_thread(
+        create_app(LocalBM25Retriever(os.path.join(world_dir, "corpus.jsonl")))
+    )
+    try:
+        # The tiny recipe as is: a fresh synthetic world, a random model, the warm start, AT²PO.
+        tiny = runs.load_config(
+            "tiny",
+            {
+                **short,
+                **runs.SMALL_MODEL,
+                "data.synthetic_dir": str(root / "world"),
+                "sft.steps": 2,
+            },
+        )
+        _train_one_step(tiny, str(root / "tiny"))
+        # A policy that calls tools (the turn rules), PPO with a KL term, GRPO credit.
+        tools = runs.load_config(
+            "tiny",
+            {
+                **short,
+                "data.synthetic_dir": world_dir,
+                "model.path": warm_model,
+                "sft.steps": 0,
+                "loss.policy_loss": "ppo",
+                "loss.kl_coef": 0.001,
+                "credit.mode": "grpo",
+            },
+        )
+        metrics = _train_one_step(tools, str(root / "tools"))
+        # The paper's recipe: a Hugging Face Qwen3, parquet files, an HTTP retriever.
+        qwen = runs.load_config(
+            "qwen3_4b",
+            {
+                **short,
+                "model.path": tiny_qwen3,
+                "data.train_files": qa_files["train"],
+                "data.eval_files": qa_files["test"],
+                "tools.retriever_url": server.url,
+                "tools.cache_path": str(root / "cache.jsonl"),
+                "rollout.max_prompt_len": 128,
+                "rollout.max_response_len": 64,
+                "rollout.kv_bucket": 64,
+                "mesh.data": 1,
+                "mesh.fsdp": -1,
+            },
+        )
+        _train_one_step(qwen, str(root / "qwen"))
+    finally:
+        server.stop()
+        monkeypatch.undo()
+    return recorder, metrics
+
+
+def test_every_config_leaf_is_read_by_a_run(recorded_runs):
+    recorder, tools_metrics = recorded_runs
+    step = next(r for r in tools_metrics if r["step"] == 1)
+    assert step["rollout/tool_calls"] > 0  # the turn rules after a tool call did run
+    assert recorder.unread() == [], "config settings no run reads (dead, or a missing branch)"
+
+
+def test_the_leaves_are_the_config_files_leaves():
+    """The instrumented leaves are exactly the config's: nothing is defined twice."""
+
+    def flat(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    assert sorted(flat(default_config().to_dict())) == sorted(LEAVES)
+    for variant in ("tiny", "qwen3_4b"):
+        assert sorted(flat(runs.load_config(variant).to_dict())) == sorted(LEAVES)
