@@ -20,7 +20,9 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import interleaved_median_seconds, median_seconds, print_table  # noqa: E402
@@ -74,12 +76,14 @@ def bench_decode(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> 
         kv_bucket=128,
     )
 
+    params = nnx.state(model)
+
     def ours():
         slots = list(range(batch))
         engine.release(slots)
         engine.allocate(batch)
-        engine.prefill_many(slots, prompts.tolist())
-        return engine.generate(slots, [new_tokens] * batch, jax.random.key(0))
+        engine.prefill_many(params, slots, prompts.tolist())
+        return engine.generate(params, slots, [new_tokens] * batch, jax.random.key(0))
 
     input_ids = torch.tensor(prompts)
 
@@ -116,7 +120,7 @@ def bench_decode(batch: int, prompt_len: int, new_tokens: int, repeats: int) -> 
     )
 
 
-def tree_workload(engine: Engine, reprefill: bool, prompts, rng_seed: int = 0):
+def tree_workload(engine: Engine, params, reprefill: bool, prompts, rng_seed: int = 0):
     """10 chains + 12 branches per prompt; 3 turns per chain with 24-token tool results."""
     rng = np.random.default_rng(rng_seed)
     turn_budget, result_len, turns = 24, 24, 3
@@ -127,21 +131,23 @@ def tree_workload(engine: Engine, reprefill: bool, prompts, rng_seed: int = 0):
         if reprefill:
             # A stateless server: re-send every sequence in full before generating.
             seqs = [engine.tokens(s) for s in slots]
-            engine.prefill_many(slots, seqs)
+            engine.prefill_many(params, slots, seqs)
             computed += sum(len(q) - 1 for q in seqs)
         return engine.generate(
-            slots, [turn_budget] * len(slots), jax.random.key(int(rng.integers(1e9)))
+            params, slots, [turn_budget] * len(slots), jax.random.key(int(rng.integers(1e9)))
         )
 
     chains = []
     for prompt in prompts:
         (root,) = engine.allocate(1)
-        engine.prefill(root, prompt)
+        engine.prefill(params, root, prompt)
         computed += len(prompt) - 1
         kids = engine.allocate(10)
         engine.fork_many([root] * 10, kids, [len(prompt)] * 10)
         if reprefill:
-            engine.prefill_many(kids, [prompt] * 10)  # no forking: each chain prefills the prompt
+            engine.prefill_many(
+                params, kids, [prompt] * 10
+            )  # no forking: each chain prefills the prompt
             computed += 10 * (len(prompt) - 1)
         engine.release(root)
         chains += kids
@@ -151,7 +157,7 @@ def tree_workload(engine: Engine, reprefill: bool, prompts, rng_seed: int = 0):
             history[s].append(engine.length(s))
         run_turn(chains)
         results = [rng.integers(1, 1000, result_len).tolist() for _ in chains]
-        engine.extend_many(chains, results)
+        engine.extend_many(params, chains, results)
         if not reprefill:
             computed += result_len * len(chains)
     # 12 branches per prompt: fork a chain at the start of one of its turns and re-sample it.
@@ -181,9 +187,12 @@ def bench_tree(repeats: int) -> None:
         decode_chunk=32,
     )
     engines = {False: make(), True: make()}
-    tokens = {mode: tree_workload(engines[mode], mode, prompts) for mode in (False, True)}
+    params = nnx.state(model)
+    tokens = {mode: tree_workload(engines[mode], params, mode, prompts) for mode in (False, True)}
     times = {
-        mode: median_seconds(lambda m=mode: tree_workload(engines[m], m, prompts), repeats=repeats)
+        mode: median_seconds(
+            lambda m=mode: tree_workload(engines[m], params, m, prompts), repeats=repeats
+        )
         for mode in (False, True)
     }
     saved = 1 - tokens[False] / tokens[True]
@@ -201,19 +210,17 @@ def bench_tree(repeats: int) -> None:
     )
 
 
-def _timed_decode(engine: Engine, slots, prompts, new_tokens: int) -> float:
+def _timed_decode(engine: Engine, params, slots, prompts, new_tokens: int) -> float:
     """Seconds of one generate call (decode only) after a fresh prefill."""
-    engine.prefill_many(slots, prompts)
+    engine.prefill_many(params, slots, prompts)
     jax.block_until_ready(engine.cache.k)
     start = time.perf_counter()
-    engine.generate(slots, [new_tokens] * len(slots), jax.random.key(0))
+    engine.generate(params, slots, [new_tokens] * len(slots), jax.random.key(0))
     return time.perf_counter() - start
 
 
 def bench_gpu(repeats: int) -> None:
     """Decode roofline for a Qwen3-0.6B-shaped random model (bf16 weights and cache)."""
-    import jax.numpy as jnp
-    from flax import nnx
 
     config = models.ModelConfig(
         model_type="qwen3",
@@ -230,6 +237,7 @@ def bench_gpu(repeats: int) -> None:
         dtype=jnp.bfloat16,
     )
     model = models.CausalLM(config, rngs=nnx.Rngs(0))
+    params = nnx.state(model)
     weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(nnx.state(model)))
     prompt_len, new_tokens = 512, 256
     rows = []
@@ -246,12 +254,14 @@ def bench_gpu(repeats: int) -> None:
         slots = engine.allocate(batch)
         prompts = np.random.default_rng(0).integers(0, 1000, (batch, prompt_len)).tolist()
 
-        _timed_decode(engine, slots, prompts, new_tokens)  # warm-up (compiles)
+        _timed_decode(engine, params, slots, prompts, new_tokens)  # warm-up (compiles)
         seconds = float(
-            np.median([_timed_decode(engine, slots, prompts, new_tokens) for _ in range(repeats)])
+            np.median(
+                [_timed_decode(engine, params, slots, prompts, new_tokens) for _ in range(repeats)]
+            )
         )
         # Bytes read per step: all weights once + the attended KV cache of every sequence.
-        kv_len = engine._kv_bucket(prompt_len + new_tokens)
+        kv_len = engine.attended_length(prompt_len + new_tokens)
         kv_bytes = (
             2 * config.num_layers * batch * kv_len * config.num_kv_heads * config.head_dim * 2
         )

@@ -32,32 +32,65 @@ from atpo_jax.data.prompts import encode_prompt  # noqa: E402
 from atpo_jax.data.synthetic import build_synthetic_world, load_tokenizer  # noqa: E402
 from atpo_jax.rollout.engine import Engine  # noqa: E402
 from atpo_jax.rollout.sampling import SamplingParams  # noqa: E402
-from atpo_jax.rollout.tree_search import RolloutConfig, TreeSearch  # noqa: E402
+from atpo_jax.rollout.settings import RolloutSettings  # noqa: E402
+from atpo_jax.rollout.tree_search import TreeSearch  # noqa: E402
 from atpo_jax.tools.bm25 import LocalBM25Retriever  # noqa: E402
 from atpo_jax.tools.search import SearchTool  # noqa: E402
 from atpo_jax.tools.toolbox import Toolbox  # noqa: E402
 
 
-class ReprefillEngine(Engine):
-    """An engine that keeps no state between calls: every generation re-prefills whole sequences."""
+class ReprefillEngine:
+    """The baseline: an engine that keeps no KV cache between calls. Every generation prefills its
+    sequences in full; forks and extensions only change the host's copy of the sequences. Built on
+    the engine's public API (the tree search sees the same interface)."""
+
+    def __init__(self, engine: Engine):
+        self.inner = engine
+        self.sequences: dict[int, list[int]] = {}
+
+    def __getattr__(self, name):  # num_slots, max_len, allocate, free_slots, compile_count, ...
+        return getattr(self.inner, name)
+
+    def release(self, slots):
+        for slot in slots:
+            self.sequences.pop(slot, None)
+        self.inner.release(slots)
+
+    def tokens(self, slot):
+        return list(self.sequences[slot])
+
+    def length(self, slot):
+        return len(self.sequences[slot])
+
+    def prefill_many(self, params, slots, token_lists):
+        for slot, tokens in zip(slots, token_lists, strict=True):
+            self.sequences[slot] = [int(t) for t in tokens]
 
     def fork_many(self, srcs, dsts, lengths):
-        seqs = [self.tokens(s)[:n] for s, n in zip(srcs, lengths, strict=True)]
-        self.prefill_many(dsts, seqs)
+        prefixes = [self.sequences[s][:n] for s, n in zip(srcs, lengths, strict=True)]
+        for dst, prefix in zip(dsts, prefixes, strict=True):
+            self.sequences[dst] = prefix
 
-    def extend_many(self, slots, token_lists):
-        for slot, new in zip(slots, token_lists, strict=True):
-            self._sequence(slot).extend(int(t) for t in new)
+    def extend_many(self, params, slots, token_lists):
+        for slot, tokens in zip(slots, token_lists, strict=True):
+            self.sequences[slot] += [int(t) for t in tokens]
 
-    def generate(self, slots, budgets, rng):
-        super().prefill_many(slots, [self.tokens(s) for s in slots])
-        return super().generate(slots, budgets, rng)
+    def _materialise(self, params, slots):
+        self.inner.prefill_many(params, slots, [self.sequences[s] for s in slots])
 
-    def prefill_many(self, slots, token_lists):
+    def generate(self, params, slots, budgets, rng):
+        self._materialise(params, slots)
+        results = self.inner.generate(params, slots, budgets, rng)
         for slot in slots:
-            self._seqs[slot] = []
-        self._reset_cache_lengths(slots)
-        super().extend_many(slots, token_lists)
+            self.sequences[slot] = self.inner.tokens(slot)
+        return results
+
+    def force(self, params, slots, tokens):
+        self._materialise(params, slots)
+        scored = self.inner.force(params, slots, tokens)
+        for slot in slots:
+            self.sequences[slot] = self.inner.tokens(slot)
+        return scored
 
 
 def main() -> None:
@@ -86,16 +119,17 @@ def main() -> None:
             tie_word_embeddings=True,
         )
         model = models.CausalLM(config, rngs=nnx.Rngs(0))
-        rollout_config = RolloutConfig(
+        params = nnx.state(model)
+        rollout_config = RolloutSettings(
             max_prompt_len=64, max_response_len=args.response, observation_margin=16
         )
         rows_out = []
         results = {}
-        for name, engine_cls in (
-            ("fork + extend (ours)", Engine),
+        for name, wrap in (
+            ("fork + extend (ours)", lambda engine: engine),
             ("re-prefill baseline", ReprefillEngine),
         ):
-            engine = engine_cls(
+            engine = Engine(
                 model,
                 num_slots=4 * 23,
                 max_len=64 + args.response,
@@ -105,6 +139,7 @@ def main() -> None:
                 decode=tokenizer.decode,
                 decode_chunk=32,
             )
+            engine = wrap(engine)
             search = TreeSearch(
                 engine,
                 tokenizer,
@@ -114,23 +149,24 @@ def main() -> None:
                 pad_token_id=tokenizer.pad_token_id,
             )
             # Warm-up with the same prompts compiles the shape buckets the timed run needs.
-            search.rollout(prompts, step=1)
+            search.rollout(params, prompts, step=1)
             compiled = engine.compile_count
-            engine.prefill_tokens_computed = 0
+            prefilled = engine.prefill_tokens_computed
             start = time.perf_counter()
-            out = search.rollout(prompts, step=1)
+            out = search.rollout(params, prompts, step=1)
             seconds = time.perf_counter() - start
             print(
                 f"{name}: {engine.compile_count - compiled} programs compiled during the timed run"
             )
             generated = out.metrics["rollout/generated_tokens"]
-            results[name] = (seconds, engine.prefill_tokens_computed)
+            prefilled = engine.prefill_tokens_computed - prefilled
+            results[name] = (seconds, prefilled)
             rows_out.append(
                 (
                     name,
                     seconds,
                     f"{len(prompts) / seconds:.2f} trees/s, {generated / seconds:,.0f} "
-                    f"generated tok/s, {engine.prefill_tokens_computed:,} prefill tokens",
+                    f"generated tok/s, {prefilled:,} prefill tokens",
                 )
             )
         ours, base = results["fork + extend (ours)"], results["re-prefill baseline"]

@@ -425,7 +425,7 @@ class Engine:
             tokens[i, : len(w)] = w
             counts[i] = len(w)
         longest = max(len(self._seqs[s]) for s, _ in rows)
-        kv_len = self._kv_bucket(longest)
+        kv_len = self.attended_length(longest)
         self._used("prefill", batch, width, kv_len)
         self.cache = self._prefill(
             self._graphdef,
@@ -498,7 +498,7 @@ class Engine:
         for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
             pending[i], forced[i], active[i] = self._seqs[slot][-1], int(token), True
         longest = max(len(self._seqs[s]) for s in slots)
-        kv_len = self._kv_bucket(longest + 1)
+        kv_len = self.attended_length(longest + 1)
         self._used("force", batch, kv_len, self.sampling)
         self.cache, log_probs, entropies = self._force(
             self._graphdef,
@@ -566,7 +566,7 @@ class Engine:
                 is_active[i] = True
             steps = self.decode_chunk
             longest = max(len(self._seqs[s]) for s in active)
-            kv_len = self._kv_bucket(longest + steps)
+            kv_len = self.attended_length(longest + steps)
             self._used("decode", batch, steps, kv_len, self.sampling)
             self.cache, _, tok, lp, ent, count, finish = self._decode(
                 self._graphdef,
@@ -642,7 +642,7 @@ class Engine:
         spare = [s for s in range(self.num_slots) if s not in taken][: batch - len(slots)]
         return np.asarray(list(slots) + spare, np.int32)
 
-    def _kv_bucket(self, length: int) -> int:
+    def attended_length(self, length: int) -> int:
         """Attended cache length for sequences up to ``length``: a power-of-two multiple of kv_bucket."""
         blocks = _next_power_of_two(-(-length // self.kv_bucket))
         return min(blocks * self.kv_bucket, self.max_len)

@@ -27,6 +27,8 @@ import pydantic
 import uvicorn
 
 from atpo_jax.tools.base import Retriever
+from atpo_jax.tools.bm25 import LocalBM25Retriever
+from atpo_jax.tools.corpus import CorpusError
 from atpo_jax.tools.passages import render_retrieve_response
 
 logger = logging.getLogger(__name__)
@@ -135,8 +137,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    from atpo_jax.tools.bm25 import LocalBM25Retriever
-    from atpo_jax.tools.corpus import CorpusError
 
     try:
         retriever = LocalBM25Retriever(args.corpus, index_dir=args.index_dir)

@@ -381,8 +381,3 @@ def make_log_prob_fn(
         return (parallel.param_shardings(mesh, params), jax.tree.map(lambda _: b, rows)), b
 
     return _MeshProgram(log_probs, mesh, shardings_for, ())
-
-
-def params_of(model: CausalLM) -> tuple[nnx.GraphDef, Any]:
-    """(graphdef, params) of a model: the split the jitted programs take."""
-    return nnx.split(model)

@@ -38,7 +38,11 @@ from atpo_jax.data.synthetic.questions import (
     generate_questions,
     split_by_subject,
 )
-from atpo_jax.data.synthetic.tokenizer import build_word_tokenizer, save_word_tokenizer
+from atpo_jax.data.synthetic.tokenizer import (
+    build_word_tokenizer,
+    load_tokenizer,
+    save_word_tokenizer,
+)
 from atpo_jax.data.synthetic.world import (
     OCCUPATIONS,
     RELATIONS,
@@ -46,7 +50,8 @@ from atpo_jax.data.synthetic.world import (
     generate_world,
     passage_text,
 )
-from atpo_jax.tools.bm25 import LocalBM25Retriever
+from atpo_jax.data.transcripts import encode_transcript
+from atpo_jax.tools.bm25 import LocalBM25Retriever, import_bm25s
 from atpo_jax.tools.corpus import write_corpus
 from atpo_jax.tools.parsing import CALL_LIMIT_WARNING
 from atpo_jax.tools.passages import NO_RESULTS_TEXT
@@ -198,9 +203,6 @@ def _length_stats(values: list[int]) -> dict[str, float]:
 
 
 def _stats(splits, demos, tokenizer_dir: str) -> dict[str, Any]:
-    from atpo_jax.data.synthetic.tokenizer import load_tokenizer
-    from atpo_jax.data.transcripts import encode_transcript
-
     tokenizer = load_tokenizer(tokenizer_dir)
     counts = {
         split: {f"{h}hop": sum(q.hops == h for q in qs) for h in (1, 2, 3)} | {"total": len(qs)}
@@ -307,8 +309,6 @@ def build_synthetic_world(
 
 
 def _stopwords() -> set[str]:
-    from atpo_jax.tools.bm25 import import_bm25s
-
     from_bm25s = import_bm25s().stopwords.STOPWORDS_EN
     return {w.lower() for w in from_bm25s}
 
