@@ -49,7 +49,8 @@ def build_run(
       ConfigError: a setting, file or service that cannot be used; the message names it.
     """
     settings = config if isinstance(config, RunSettings) else run_settings(config)
-    settings.check_required()
+    if training:  # evaluation brings its own checkpoint and needs no training files
+        settings.check_required()
     settings.model.check_backend()
     os.makedirs(workdir, exist_ok=True)
     # Process 0 writes the synthetic world's files first; the others then only read them.

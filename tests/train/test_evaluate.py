@@ -133,3 +133,24 @@ def test_evaluate_on_an_8_device_mesh(trained_run, run_overrides, child_env, tmp
     )
     assert out["devices"] == 8
     assert _without_added(out["results"]) == _trainer_eval(trained_run, 4)
+
+
+def test_evaluating_the_paper_recipe_needs_no_training_files(
+    tiny_qwen3, qa_files, world_dir, tmp_path
+):
+    """``qwen3_4b`` requires training files to train, not to evaluate a checkpoint."""
+    config = runs.load_config(
+        "qwen3_4b",
+        {
+            "data.eval_files": qa_files["test"],
+            "tools.corpus": os.path.join(world_dir, "corpus.jsonl"),
+            "eval.max_questions": 2,
+            "eval.batch_prompts": 2,
+            "rollout.max_prompt_len": 128,
+            "rollout.max_response_len": 16,
+            "rollout.kv_bucket": 16,
+        },
+    )
+    results, path = evaluate.evaluate_checkpoint(config, tiny_qwen3, workdir=str(tmp_path / "out"))
+    assert results["n"] == 2 and results["eval_split"] == qa_files["test"]
+    assert os.path.isfile(path)
