@@ -63,7 +63,7 @@ def build_run(
     )
     check_retriever(toolbox, settings.tools)
     model, initial = policy_model(settings, data.tokenizer)
-    placement = build_placement(settings, nnx.state(model))
+    placement = build_placement(settings, nnx.state(model), check_batches=training)
     graphdef = nnx.graphdef(model)
     t = settings.train
     optim = settings.optim.with_horizon(t.steps * t.updates_per_step)
@@ -244,12 +244,16 @@ def export_dtype(settings: RunSettings, config: models.ModelConfig) -> Any:
 # ---------------------------------------------------------------------------------------- devices
 
 
-def build_placement(settings: RunSettings, params: Any) -> parallel.Placement:
-    """The mesh of every device of every process and this run's layout on it; checks that the
-    mini- and micro-batches split over its batch devices and processes."""
+def build_placement(
+    settings: RunSettings, params: Any, *, check_batches: bool = True
+) -> parallel.Placement:
+    """The mesh of every device of every process and this run's layout on it; checks (for a
+    training run) that the mini- and micro-batches split over its batch devices and processes."""
     t, r = settings.train, settings.rollout
     try:
         placement = parallel.Placement.create(parallel.make_mesh(settings.mesh), params)
+        if not check_batches:
+            return placement
         check_micro_batches(
             t.mini_batch_prompts * r.samples_per_tree,
             t.micro_batch_rows,
