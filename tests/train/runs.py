@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from tests.train.multidevice import REPO_ROOT, subprocess_env
+from tests.train.multidevice import HANG_GUARD_SCALE, REPO_ROOT, subprocess_env
 
 CONFIG_FILE = str(REPO_ROOT / "configs" / "search_qa.py")
 
@@ -94,11 +94,11 @@ def run_module(
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=timeout * HANG_GUARD_SCALE,
         )
     except subprocess.TimeoutExpired as err:
         raise AssertionError(
-            f"python -m {module} timed out after {timeout}s\n{err.stdout}\n{err.stderr}"
+            f"python -m {module} timed out after {timeout * HANG_GUARD_SCALE}s\n{err.stdout}\n{err.stderr}"
         ) from None
 
 
@@ -115,7 +115,7 @@ def wait_for(
     predicate: Callable[[], bool], proc: subprocess.Popen, *, timeout: float, what: str
 ) -> None:
     """Polls ``predicate`` until true; fails (killing ``proc``) if ``proc`` exits or time runs out."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * HANG_GUARD_SCALE
     while not predicate():
         if proc.poll() is not None:
             _, err = proc.communicate()

@@ -21,6 +21,7 @@ from orbax.checkpoint._src.path import atomicity
 from atpo_jax import models
 from atpo_jax.train import checkpointing as C
 from atpo_jax.train import optimizer as opt
+from tests.train import runs
 from tests.train.multidevice import REPO_ROOT, run_python, subprocess_env
 
 TINY = models.ModelConfig(
@@ -221,17 +222,6 @@ def _spawn(code: str) -> subprocess.Popen:
     )
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"child exited {proc.returncode}:\n{proc.stderr.read()[-4000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out:\n{proc.communicate()[1][-4000:]}")
-        time.sleep(0.05)
-
-
 def test_process_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
     ready = tmp_path / "finalizing"
     proc = _spawn(
@@ -256,7 +246,7 @@ def test_process_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
         """
     )
     try:
-        _wait_for(ready.exists, proc)
+        runs.wait_for(ready.exists, proc, timeout=90, what="the hanging save")
     finally:
         proc.kill()
         proc.communicate(timeout=30)
@@ -302,7 +292,7 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(tmp_path):
         lines.append(proc.stdout.readline().strip())
         return lines[-1] == "step 3"
 
-    _wait_for(read_until_step_3, proc)
+    runs.wait_for(read_until_step_3, proc, timeout=90, what="step 3")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     lines += out.split("\n")

@@ -22,7 +22,7 @@ from atpo_jax.rollout.stats import merge_rollout_metrics
 from atpo_jax.train.evaluation import merge_eval_results
 from atpo_jax.train.metrics import read_metrics
 from atpo_jax.train.policy import check_micro_batches
-from tests.train.multidevice import REPO_ROOT, run_python, subprocess_env
+from tests.train.multidevice import HANG_GUARD_SCALE, REPO_ROOT, run_python, subprocess_env
 
 # ----------------------------------------------------------------------------------------------
 # Host-side helpers (no devices needed)
@@ -297,7 +297,7 @@ def launch(workdir, log, *, devices: int = 1, overrides=(), flags=()) -> subproc
 
 
 def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Any], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * HANG_GUARD_SCALE
     for name, proc in procs.items():
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
