@@ -24,7 +24,7 @@ never materialises them. ``--gpu`` compiles (and runs) on the local GPU(s) inste
 attention, and then also times the step: tokens/s and MFU (needs a GPU; none was available when
 this was written).
 
-Run: ``python benchmarks/memory.py`` (about 3 minutes on 2 cores), options ``--meshes 1,8,1
+Run: ``python benchmarks/memory.py`` (about 5 minutes on 2 cores), options ``--meshes 1,8,1
 2,4,1 1,4,2``, ``--rows-per-device 2``, ``--layers 36``, ``--fit-layers 2 4``; on a GPU machine
 ``python benchmarks/memory.py --gpu [--model 0.6b|4b|tiny]``.
 """
