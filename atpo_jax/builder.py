@@ -29,6 +29,8 @@ from atpo_jax.settings import ConfigError
 from atpo_jax.tools.settings import build_toolbox, check_retriever
 from atpo_jax.tools.toolbox import Toolbox
 from atpo_jax.train.optimizer import build_optimizer
+from atpo_jax.train.packed_update import PackedUpdate, make_packed_log_prob_fn
+from atpo_jax.train.packing import Packing
 from atpo_jax.train.policy import check_micro_batches, make_log_prob_fn, make_update_fn
 from atpo_jax.train.run import Data, Run
 from atpo_jax.train.settings import RunSettings
@@ -85,17 +87,27 @@ def build_run(
         ),
         optimizer=optimizer,
         optim=optim,
-        update_fn=make_update_fn(
-            graphdef, optimizer, settings.loss, t.micro_batch_rows, mesh=placement.train_mesh
-        ),
-        log_prob_fn=make_log_prob_fn(
-            graphdef,
-            t.micro_batch_rows,
-            chunk=settings.loss.log_prob_chunk,
-            mesh=placement.train_mesh,
-        ),
+        update_fn=_update_fn(settings, graphdef, optimizer, placement.train_mesh),
+        log_prob_fn=_log_prob_fn(settings, graphdef, placement.train_mesh),
         export_dtype=export_dtype(settings, model.config),
     )
+
+
+def _update_fn(settings: RunSettings, graphdef, optimizer, mesh) -> Any:
+    """The update program of the run's ``train.packing``."""
+    if settings.train.packing == Packing.PADDED:
+        return make_update_fn(
+            graphdef, optimizer, settings.loss, settings.train.micro_batch_rows, mesh=mesh
+        )
+    return PackedUpdate(graphdef, optimizer, settings.loss, mesh=mesh)
+
+
+def _log_prob_fn(settings: RunSettings, graphdef, mesh) -> Any:
+    """The scoring program (old and reference log-probs) of the run's ``train.packing``."""
+    chunk = settings.loss.log_prob_chunk
+    if settings.train.packing == Packing.PADDED:
+        return make_log_prob_fn(graphdef, settings.train.micro_batch_rows, chunk=chunk, mesh=mesh)
+    return make_packed_log_prob_fn(graphdef, chunk=chunk, mesh=mesh)
 
 
 def default_workdir(settings: RunSettings) -> str:
@@ -254,12 +266,13 @@ def build_placement(
         placement = parallel.Placement.create(parallel.make_mesh(settings.mesh), params)
         if not check_batches:
             return placement
-        check_micro_batches(
-            t.mini_batch_prompts * r.samples_per_tree,
-            t.micro_batch_rows,
-            parallel.batch_parallelism(placement.mesh),
-            "the mini-batch rows train.mini_batch_prompts x rollout.samples_per_tree",
-        )
+        if t.packing == Packing.PADDED:
+            check_micro_batches(
+                t.mini_batch_prompts * r.samples_per_tree,
+                t.micro_batch_rows,
+                parallel.batch_parallelism(placement.mesh),
+                "the mini-batch rows train.mini_batch_prompts x rollout.samples_per_tree",
+            )
         parallel.local_prompt_positions(
             t.prompts_per_step, t.mini_batch_prompts, placement.batch_block, placement.batch_blocks
         )

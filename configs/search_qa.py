@@ -72,7 +72,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.steps = 120
     c.train.prompts_per_step = 16
     c.train.mini_batch_prompts = 16  # one on-policy update per step
-    c.train.micro_batch_rows = 64
+    c.train.micro_batch_tokens = (
+        2048  # each tree's nodes once (train.packing=tree), 2k-token sequences
+    )
     c.train.log_every = 10
     c.sft.steps = 1200
     c.sft.rename_copies = 3

@@ -17,6 +17,7 @@ from flax import nnx, struct
 
 from atpo_jax.models.attention import causal_attention, masked_attention
 from atpo_jax.models.config import ModelConfig
+from atpo_jax.models.tree_attention import tree_attention
 
 DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
 
@@ -222,6 +223,7 @@ class Attention(nnx.Module):
         sin: jax.Array,
         seq_lengths: jax.Array | None = None,
         cache: CacheView | None = None,
+        visible_end: jax.Array | None = None,
     ) -> tuple[jax.Array, CacheView | None]:
         """Causal self-attention of [B, T, H] ``x`` (or attention to the cache plus itself).
 
@@ -233,6 +235,9 @@ class Attention(nnx.Module):
             so cuDNN can run its padded-causal flash kernel without a mask tensor.
           cache: when given, this step's keys/values are written to the cache and attention runs
             over its first ``kv_len`` positions under ``cache.mask`` (``seq_lengths`` is unused).
+          visible_end: [B, T] int32 for packed sequences (trees or rows laid out depth-first):
+            key j is seen by queries ``j .. visible_end[b, j]`` (``models.tree_attention``, the
+            block-sparse kernel on every backend); replaces ``seq_lengths``.
 
         Returns:
           ([B, T, H] output, updated cache view or None).
@@ -245,7 +250,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if visible_end is not None:
+            out = tree_attention(q, k, v, visible_end)
+        elif cache is None:
             out = causal_attention(q, k, v, seq_lengths, impl=cfg.attention_impl)
         else:
             # Decode attention is memory-bound and its mask arbitrary: always the XLA kernel.
@@ -272,9 +279,12 @@ class DecoderLayer(nnx.Module):
         sin: jax.Array,
         seq_lengths: jax.Array | None = None,
         cache: CacheView | None = None,
+        visible_end: jax.Array | None = None,
     ) -> tuple[jax.Array, CacheView | None]:
         """[B, T, H] -> ([B, T, H], cache); arguments as in ``Attention.__call__``."""
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, seq_lengths, cache)
+        attn, cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, seq_lengths, cache, visible_end
+        )
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache

@@ -127,6 +127,28 @@ class CausalLM(nnx.Module):
             x = jnp.take_along_axis(x, jnp.argsort(order, axis=1)[..., None], axis=1)
         return x
 
+    def packed_hidden_states(
+        self, input_ids: jax.Array, positions: jax.Array, visible_end: jax.Array
+    ) -> jax.Array:
+        """Hidden states of packed sequences (forests or rows laid out depth-first, see
+        ``atpo_jax.train.packing``).
+
+        Args:
+          input_ids: [B, T] int token ids.
+          positions: [B, T] int32 rotary position of each token (its index in the sequence from
+            its root: the prompt, then its ancestors' tokens).
+          visible_end: [B, T] int32: key j is seen by queries ``j .. visible_end[b, j]``.
+
+        Returns:
+          [B, T, H] final-normed hidden states; a token's state is the one it has in its own
+          unpacked row.
+        """
+        cos, sin = rope_cos_sin(positions.astype(jnp.int32), self.config)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = _run_layer(layer, x, cos, sin, None, self.config.remat, visible_end)
+        return self.norm(x)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., H] final hidden states -> [..., V] logits (tied: the embedding transposed)."""
         dtype = self.config.dtype
@@ -167,8 +189,9 @@ def _call_layer(
     cos: jax.Array,
     sin: jax.Array,
     seq_lengths: jax.Array | None,
+    visible_end: jax.Array | None = None,
 ) -> jax.Array:
-    return layer(x, cos, sin, seq_lengths)[0]
+    return layer(x, cos, sin, seq_lengths, None, visible_end)[0]
 
 
 # Gradient checkpointing per layer: the backward pass recomputes a layer's activations from its
@@ -183,5 +206,7 @@ def _run_layer(
     sin: jax.Array,
     seq_lengths: jax.Array | None,
     remat: bool,
+    visible_end: jax.Array | None = None,
 ) -> jax.Array:
-    return (_call_layer_remat if remat else _call_layer)(layer, x, cos, sin, seq_lengths)
+    call = _call_layer_remat if remat else _call_layer
+    return call(layer, x, cos, sin, seq_lengths, visible_end)

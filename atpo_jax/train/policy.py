@@ -174,20 +174,58 @@ def response_log_probs(
     )
 
 
-def loss_normalizer(loss_mask: jax.Array, loss_agg: str) -> jax.Array:
-    """What the aggregation divides by: non-empty rows (seq-mean-*), tokens (token-mean), 1 (norm)."""
+def mini_batch_totals(loss_mask: Any, loss_agg: str) -> Any:
+    """[3] float32: a mini-batch's loss normaliser (what the aggregation divides by: non-empty
+    rows for ``seq-mean-*``, tokens for ``token-mean``, 1 for ``seq-mean-token-sum-norm``), its
+    trained tokens and its non-empty rows; each micro-batch's loss and metrics are shares of
+    these (NumPy in, NumPy out; jax in, jax out)."""
+    xp = np if isinstance(loss_mask, np.ndarray) else jnp
+    mask = loss_mask != 0
+    return totals_from_counts(xp.sum(mask), xp.sum(xp.any(mask, axis=-1)), loss_agg)
+
+
+def totals_from_counts(tokens: Any, rows: Any, loss_agg: str) -> Any:
+    """:func:`mini_batch_totals` from the mini-batch's trained tokens and non-empty rows (e.g.
+    summed over processes)."""
+    xp = jnp if isinstance(tokens, jax.Array) else np
     if loss_agg == "token-mean":
-        return jnp.sum(loss_mask != 0).astype(jnp.float32)
-    if loss_agg == "seq-mean-token-sum-norm":
-        return jnp.float32(1.0)
-    return jnp.sum(jnp.any(loss_mask != 0, axis=-1)).astype(jnp.float32)
+        norm = tokens
+    elif loss_agg == "seq-mean-token-sum-norm":
+        norm = xp.ones_like(tokens)
+    else:
+        norm = rows
+    return xp.stack([norm, tokens, rows]).astype(xp.float32)
 
 
-def policy_loss(model: CausalLM, rows: PolicyRows, settings: LossSettings):
-    """The configured loss on one micro-batch; returns (loss, metrics)."""
-    log_probs, entropy = response_log_probs(
-        model, rows, return_entropy=True, chunk=settings.log_prob_chunk
-    )
+# How a micro-batch's metric enters the mini-batch's: a masked mean over trained tokens is
+# weighted by the micro-batch's share of the tokens, a mean over non-empty rows by its share of
+# the rows, a loss by its share of the normaliser; the sum over micro-batches is then the metric
+# of the whole mini-batch, however its rows were grouped.
+_ROW_METRICS = frozenset({"num_turns", "single_turn_frac"})
+_LOSS_METRICS = frozenset({"loss", "pg_loss", "kl_loss"})
+
+
+def metric_shares(
+    metrics: dict[str, jax.Array], micro_totals: jax.Array, totals: jax.Array
+) -> dict[str, jax.Array]:
+    """``metrics`` of one micro-batch times its share of the mini-batch (see ``_ROW_METRICS``);
+    ``micro_totals`` and ``totals`` from :func:`mini_batch_totals`."""
+    share = micro_totals / jnp.maximum(totals, 1e-9)
+
+    def weight(name: str) -> jax.Array:
+        if name in _LOSS_METRICS:
+            return share[0]
+        return share[2] if name in _ROW_METRICS else share[1]
+
+    return {name: value * weight(name) for name, value in metrics.items()}
+
+
+def loss_from_log_probs(
+    log_probs: jax.Array, entropy: jax.Array, rows: Any, settings: LossSettings
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The configured loss of [rows, R] log-probs (and entropies, for the metric) of the
+    response tokens; ``rows`` holds ``loss_mask``, ``advantages``, ``old_log_probs`` and
+    ``ref_log_probs`` [rows, R] (:class:`PolicyRows` or ``packing.PackedBatch``)."""
     common = dict(
         clip_low=settings.clip_low, clip_high=settings.clip_high, loss_agg=settings.loss_agg
     )
@@ -215,6 +253,14 @@ def policy_loss(model: CausalLM, rows: PolicyRows, settings: LossSettings):
         loss = loss + settings.kl_coef * kl_loss
     metrics["loss"] = loss
     return loss, metrics
+
+
+def policy_loss(model: CausalLM, rows: PolicyRows, settings: LossSettings):
+    """The configured loss on one micro-batch of padded rows; returns (loss, metrics)."""
+    log_probs, entropy = response_log_probs(
+        model, rows, return_entropy=True, chunk=settings.log_prob_chunk
+    )
+    return loss_from_log_probs(log_probs, entropy, rows, settings)
 
 
 def _split_micro(rows: PolicyRows, micro_rows: int) -> PolicyRows:
@@ -310,20 +356,20 @@ def make_update_fn(
         check_micro_batches(rows.response.shape[0], micro_rows, _ways(mesh))
         grad_shardings = None if mesh is None else parallel.param_shardings(mesh, params)
         micro = _constrain(_split_micro(rows, micro_rows), micro_sharding)
-        total_weight = loss_normalizer(rows.loss_mask, settings.loss_agg)
+        totals = mini_batch_totals(rows.loss_mask, settings.loss_agg)
 
         def micro_step(carry, batch):
             grads_acc, metrics_acc = carry
-            weight = loss_normalizer(batch.loss_mask, settings.loss_agg)
+            micro_totals = mini_batch_totals(batch.loss_mask, settings.loss_agg)
 
             def weighted_loss(p):
                 loss, metrics = policy_loss(nnx.merge(graphdef, p), batch, settings)
-                return loss * weight / jnp.maximum(total_weight, 1e-9), metrics
+                return loss * micro_totals[0] / jnp.maximum(totals[0], 1e-9), metrics
 
             grads, metrics = jax.grad(weighted_loss, has_aux=True)(params)
-            share = weight / jnp.maximum(total_weight, 1e-9)
             grads_acc = _constrain(jax.tree.map(jnp.add, grads_acc, grads), grad_shardings)
-            metrics_acc = jax.tree.map(lambda a, m: a + share * m, metrics_acc, metrics)
+            metrics = metric_shares(metrics, micro_totals, totals)
+            metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
 
         zeros = _constrain(jax.tree.map(jnp.zeros_like, params), grad_shardings)

@@ -16,13 +16,14 @@ from atpo_jax.models.settings import ModelSettings
 from atpo_jax.parallel import MeshSettings
 from atpo_jax.rewards.qa import RewardSettings
 from atpo_jax.rollout.settings import RolloutMode, RolloutSettings
-from atpo_jax.settings import ConfigError, check
+from atpo_jax.settings import ConfigError, check, coerce_choices
 from atpo_jax.tools.settings import ToolSettings
 from atpo_jax.train.checkpointing import CheckpointSettings
 from atpo_jax.train.credit import CreditMode, CreditSettings
 from atpo_jax.train.evaluation import EvalSettings
 from atpo_jax.train.metrics import LoggingSettings
 from atpo_jax.train.optimizer import OptimizerSettings
+from atpo_jax.train.packing import Packing
 from atpo_jax.train.policy import LossSettings, OldLogProbs, check_micro_batches
 from atpo_jax.train.sft import SFTSettings
 
@@ -36,8 +37,16 @@ class TrainSettings:
       prompts_per_step: questions rolled out per step (each a tree of ``samples_per_tree`` rows).
       mini_batch_prompts: questions per optimizer update (``prompts_per_step`` must be a multiple).
       ppo_epochs: passes over the step's mini-batches.
-      micro_batch_rows: rows per gradient-accumulation micro-batch; divides a mini-batch's rows
-        and is divisible by the batch devices (``mesh.data x mesh.fsdp``).
+      packing: how a mini-batch's leaf rows are laid out for the policy passes
+        (``atpo_jax.train.packing``): ``tree`` (each tree's nodes computed once: shared prefixes
+        are not recomputed), ``rows`` (rows end to end, no padding) or ``padded`` (one row per
+        leaf padded to ``rollout.max_prompt_len + max_response_len``, the reference layout).
+      micro_batch_tokens: ``rows`` / ``tree``: tokens per packed sequence, one sequence per batch
+        device per micro-batch (the reference's ``use_dynamic_bsz`` budget, 16,384 per GPU). A
+        single row longer than this gets a sequence of twice (four times, ...) the budget: set it
+        to at least ``max_prompt_len + max_response_len`` to keep to one program shape.
+      micro_batch_rows: ``padded``: rows per gradient-accumulation micro-batch; divides a
+        mini-batch's rows and is divisible by the batch devices (``mesh.data x mesh.fsdp``).
       log_every: a progress line every k steps when stderr is not a terminal.
     """
 
@@ -45,10 +54,17 @@ class TrainSettings:
     prompts_per_step: int = 64
     mini_batch_prompts: int = 8
     ppo_epochs: int = 1
+    packing: Packing = Packing.TREE
+    micro_batch_tokens: int = 16384
     micro_batch_rows: int = 22
     log_every: int = 1
 
     def __post_init__(self) -> None:
+        coerce_choices(self, "train")
+        check(
+            self.micro_batch_tokens >= 1,
+            f"train.micro_batch_tokens={self.micro_batch_tokens} must be >= 1",
+        )
         check(
             self.steps >= 0 and self.ppo_epochs >= 1,
             f"train.steps must be >= 0 (0: warm start and evaluation only) and train.ppo_epochs "
@@ -109,11 +125,13 @@ class RunSettings:
                 "equal (the reference asserts this too)"
             )
         try:  # the devices' share is checked with the mesh (build_run)
-            check_micro_batches(
-                self.train.mini_batch_prompts * r.samples_per_tree,
-                self.train.micro_batch_rows,
-                rows_are="the mini-batch rows train.mini_batch_prompts x rollout.samples_per_tree",
-            )
+            if self.train.packing == Packing.PADDED:
+                check_micro_batches(
+                    self.train.mini_batch_prompts * r.samples_per_tree,
+                    self.train.micro_batch_rows,
+                    rows_are="the mini-batch rows train.mini_batch_prompts x "
+                    "rollout.samples_per_tree",
+                )
         except ValueError as e:
             raise ConfigError(str(e)) from e
         check(

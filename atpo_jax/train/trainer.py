@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from atpo_jax import models, parallel
+from atpo_jax.rollout.pack import RowArrays
 from atpo_jax.rollout.stats import merge_rollout_metrics
 from atpo_jax.rollout.trace import tree_records, write_trace
 from atpo_jax.train import evaluation
@@ -47,7 +48,15 @@ from atpo_jax.train.metrics import (
     throughput_metrics,
 )
 from atpo_jax.train.optimizer import current_learning_rate, nonfinite_skips
-from atpo_jax.train.policy import OldLogProbs, PolicyRows, policy_rows
+from atpo_jax.train.packed_update import PackedUpdate
+from atpo_jax.train.packing import (
+    MiniBatchRows,
+    PackedBatch,
+    Packing,
+    align_processes,
+    pack_mini_batch,
+)
+from atpo_jax.train.policy import OldLogProbs, PolicyRows, policy_rows, totals_from_counts
 from atpo_jax.train.run import Run
 from atpo_jax.train.sft import warm_start
 from atpo_jax.train.state import TrainState
@@ -62,6 +71,77 @@ class StepBatch:
     indices: list[int]  # positions in the training set (global tree ids)
     prompts: list[list[int]]
     golds: list[list[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutCost:
+    """What a step's policy passes cost in tokens (see ``train.packing``): the per-leaf rows
+    without padding (``real``), the positions holding a token (``placed``: a shared prefix once
+    with ``tree``) and the positions the model ran (``computed``, padding included), summed over
+    processes by :meth:`gathered`; ``context_len`` is the sequence length attention ran over."""
+
+    real: int = 0
+    placed: int = 0
+    computed: int = 0
+    context_len: int = 0
+
+    def __add__(self, other: LayoutCost) -> LayoutCost:
+        return LayoutCost(
+            self.real + other.real, self.placed + other.placed, self.computed + other.computed
+        )
+
+    def gathered(self, context_len: int) -> LayoutCost:
+        totals = np.sum(parallel.allgather_objects([self.real, self.placed, self.computed]), axis=0)
+        return LayoutCost(*(int(x) for x in totals), context_len=context_len)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "train/real_tokens": float(self.real),
+            "train/computed_tokens": float(self.computed),
+            "train/padding_fraction": 1.0 - self.placed / max(self.computed, 1),
+        }
+
+
+def _real_tokens(rows: RowArrays) -> int:
+    """Prompt plus response tokens of every leaf row, without padding."""
+    prompts = np.sum(np.asarray(rows.prompt_mask) != 0, axis=1)[np.asarray(rows.tree_index)]
+    return int(prompts.sum() + np.sum(np.asarray(rows.token_node) >= 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedMiniBatch:
+    """A mini-batch in the padded layout: one :class:`PolicyRows` (the update splits it)."""
+
+    rows: PolicyRows
+
+    @property
+    def batches(self) -> Any:
+        return self.rows
+
+    def scored(self, log_prob_fn, params, field: str) -> PaddedMiniBatch:
+        return PaddedMiniBatch(self.rows.replace(**{field: log_prob_fn(params, self.rows)}))
+
+    def update(self, update_fn, params, opt_state):
+        return update_fn(params, opt_state, self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedMiniBatch:
+    """A mini-batch as packed micro-batches and its ``policy.mini_batch_totals``."""
+
+    micro: list[PackedBatch]
+    totals: np.ndarray
+
+    @property
+    def batches(self) -> Any:
+        return self.micro
+
+    def scored(self, log_prob_fn, params, field: str) -> PackedMiniBatch:
+        micro = [m.replace(**{field: log_prob_fn(params, m)}) for m in self.micro]
+        return PackedMiniBatch(micro, self.totals)
+
+    def update(self, update_fn, params, opt_state):
+        return update_fn(params, opt_state, self.micro, self.totals)
 
 
 class Trainer:
@@ -185,18 +265,83 @@ class Trainer:
             golds=[batch.golds[i] for i in positions],
         )
 
-    def _mini_batches(self, rows: PolicyRows) -> list[PolicyRows]:
-        """The step's mini-batches, in order; on a mesh, global arrays assembled from every
-        process's rows of that mini-batch."""
-        placement = self.run.placement
-        mini_rows = (
-            self.run.settings.train.mini_batch_prompts * self.run.settings.rollout.samples_per_tree
+    def _local_mini_rows(self) -> int:
+        """Rows of each mini-batch this process holds."""
+        s = self.run.settings
+        return (
+            s.train.mini_batch_prompts
+            * s.rollout.samples_per_tree
+            // self.run.placement.batch_blocks
         )
-        local = mini_rows // placement.batch_blocks
-        return [
-            placement.batch(jax.tree.map(lambda x, s=start: x[s : s + local], rows))
-            for start in range(0, rows.response.shape[0], local)
+
+    def _padded_mini_batches(self, rows: RowArrays, advantages, old):
+        """The step's mini-batches in the padded layout, in order; on a mesh, global arrays
+        assembled from every process's rows of that mini-batch."""
+        placement, local = self.run.placement, self._local_mini_rows()
+        padded = policy_rows(
+            rows.prompt_tokens,
+            rows.prompt_mask,
+            rows.tree_index,
+            rows.response_tokens,
+            rows.loss_mask,
+            advantages=advantages,
+            old_log_probs=old,
+        )
+        minis = [
+            PaddedMiniBatch(
+                placement.batch(jax.tree.map(lambda x, s=start: x[s : s + local], padded))
+            )
+            for start in range(0, rows.num_rows, local)
         ]
+        real = _real_tokens(rows)
+        cost = LayoutCost(real=real, placed=real, computed=int(padded.input_ids.size))
+        return minis, cost.gathered(padded.input_ids.shape[1])
+
+    def _packed_mini_batches(self, rows: RowArrays, advantages, old):
+        """The step's mini-batches as packed micro-batches (``train.packing`` rows or tree); in a
+        multi-process run every process's micro-batches are aligned and assembled into global
+        arrays."""
+        run, s = self.run, self.run.settings
+        placement, local = run.placement, self._local_mini_rows()
+        sequences = parallel.batch_parallelism(placement.mesh) // placement.batch_blocks
+        pad_id = run.search.pad_token_id
+        zeros = np.zeros(rows.response_tokens.shape, np.float32)
+        minis, cost = [], LayoutCost()
+        for start in range(0, rows.num_rows, local):
+            part = slice(start, start + local)
+            batch = MiniBatchRows(
+                prompt_tokens=rows.prompt_tokens,
+                prompt_mask=rows.prompt_mask,
+                tree_index=np.asarray(rows.tree_index)[part],
+                response=np.asarray(rows.response_tokens)[part],
+                loss_mask=np.asarray(rows.loss_mask)[part],
+                token_node=np.asarray(rows.token_node)[part],
+                advantages=np.asarray(advantages, np.float32)[part],
+                old_log_probs=np.asarray(zeros if old is None else old, np.float32)[part],
+            )
+            packed = pack_mini_batch(
+                batch,
+                s.train.packing,
+                budget=s.train.micro_batch_tokens,
+                sequences=sequences,
+                pad_id=pad_id,
+            )
+            micro = packed.micro
+            counts = np.array(
+                [np.sum(batch.loss_mask != 0), np.sum(np.any(batch.loss_mask != 0, axis=1))]
+            )
+            if jax.process_count() > 1:
+                shapes = parallel.allgather_objects([m.shape_key for m in micro])
+                micro = align_processes(micro, shapes, block=placement.batch_block, pad_id=pad_id)
+                counts = np.sum(parallel.allgather_objects(counts), axis=0)
+            totals = totals_from_counts(counts[0], counts[1], s.loss.loss_agg)
+            minis.append(PackedMiniBatch([placement.batch(m) for m in micro], totals))
+            cost = cost + LayoutCost(
+                real=packed.real_tokens,
+                placed=packed.placed_tokens,
+                computed=sum(m.tokens.size for m in micro),
+            )
+        return minis, cost.gathered(s.train.micro_batch_tokens)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -249,30 +394,27 @@ class Trainer:
             credit = assign_credit(nodes, out.rows, settings=s.credit, samples_per_tree=samples)
             advantages = np.asarray(credit["advantages"])
         sampler = s.loss.old_log_probs == OldLogProbs.SAMPLER
-        rows = policy_rows(
-            out.rows.prompt_tokens,
-            out.rows.prompt_mask,
-            out.rows.tree_index,
-            out.rows.response_tokens,
-            out.rows.loss_mask,
-            advantages=advantages,
-            old_log_probs=out.rows.sampled_log_probs if sampler else None,
-        )
-        minis = self._mini_batches(rows)
+        old = out.rows.sampled_log_probs if sampler else None
+        with self.timer.phase("packing"):
+            if s.train.packing == Packing.PADDED:
+                minis, cost = self._padded_mini_batches(out.rows, advantages, old)
+            else:
+                minis, cost = self._packed_mini_batches(out.rows, advantages, old)
+
         with self.timer.phase("log_probs"):
             if not sampler:
-                minis = [m.replace(old_log_probs=run.log_prob_fn(state.params, m)) for m in minis]
+                minis = [m.scored(run.log_prob_fn, state.params, "old_log_probs") for m in minis]
             if state.ref_params is not None:
                 minis = [
-                    m.replace(ref_log_probs=run.log_prob_fn(state.ref_params, m)) for m in minis
+                    m.scored(run.log_prob_fn, state.ref_params, "ref_log_probs") for m in minis
                 ]
-            jax.block_until_ready([m.old_log_probs for m in minis])
+            jax.block_until_ready([m.batches for m in minis])
         params, opt_state = state.params, state.opt_state
         with self.timer.phase("update"):
             update_metrics = []
             for _ in range(s.train.ppo_epochs):
                 for mini in minis:
-                    params, opt_state, m = run.update_fn(params, opt_state, mini)
+                    params, opt_state, m = mini.update(run.update_fn, params, opt_state)
                     update_metrics.append(m)
             update_metrics = jax.device_get(update_metrics)
         state = state.replace(
@@ -281,15 +423,17 @@ class Trainer:
             opt_state=opt_state,
             data_position=step * s.train.prompts_per_step,
         )
-        metrics = self._step_metrics(state, out, results, scores, rows, update_metrics)
+        metrics = self._step_metrics(state, out, results, scores, advantages, cost, update_metrics)
         # Traces show process 0's trees (each process holds only its own).
         if s.rollout.trace_every and step % s.rollout.trace_every == 0 and jax.process_index() == 0:
             self._write_trace(step, out, nodes, credit)
         return state, metrics
 
-    def _step_metrics(self, state, out, results, scores, rows, update_metrics) -> dict[str, float]:
+    def _step_metrics(
+        self, state, out, results, scores, advantages, cost, update_metrics
+    ) -> dict[str, float]:
         run, s = self.run, self.run.settings
-        mask = np.asarray(rows.loss_mask) != 0
+        mask = np.asarray(out.rows.loss_mask) != 0
         # Every process's rows, in global order (the local arrays themselves on one process).
         gather = functools.partial(parallel.allgather_concat, position=run.placement.batch_block)
         rollout = merge_rollout_metrics(parallel.allgather_objects(out.metrics))
@@ -297,7 +441,7 @@ class Trainer:
             scores=gather(scores),
             ems=gather(np.array([r.em for r in results], np.float64)),
             f1s=gather(np.array([r.f1 for r in results], np.float64)),
-            advantages=gather(np.asarray(rows.advantages)[mask]),
+            advantages=gather(np.asarray(advantages)[mask]),
             rollout=rollout,
             updates=update_metrics,
             learning_rate=current_learning_rate(run.optim, state.opt_state),
@@ -305,12 +449,15 @@ class Trainer:
         )
         phases = self.timer.pop()
         metrics.update(phases)
+        metrics.update(cost.metrics())
+        if isinstance(run.update_fn, PackedUpdate):
+            metrics["train/programs"] = float(run.update_fn.programs)
         metrics.update(
             throughput_metrics(
                 phases,
                 generated_tokens=rollout["rollout/generated_tokens"],
-                processed_tokens=float(gather(np.asarray(rows.attention_mask).sum(1)).sum()),
-                context_len=rows.input_ids.shape[1],
+                processed_tokens=float(cost.placed),
+                context_len=cost.context_len,
                 model_config=run.model_config,
                 passes=s.train.ppo_epochs * 3 + (s.loss.old_log_probs == OldLogProbs.RECOMPUTE),
                 num_devices=jax.device_count(),

@@ -5,7 +5,7 @@ is recorded (reads inside ``__post_init__`` validation, by the ConfigDict conver
 ``dataclasses`` helpers such as ``replace``/``asdict`` do not count: they would "read" a setting
 nothing uses). Then each variant of ``configs/search_qa.py`` is built and trained for one step,
 with the switches that take the code down its other branches (a policy that calls tools, the PPO
-loss with a KL term, GRPO credit, an HTTP retriever). A config leaf that none of these runs reads
+loss with a KL term, GRPO credit, padded rows, an HTTP retriever). A config leaf that none of these runs reads
 fails the test, naming it.
 """
 
@@ -127,7 +127,7 @@ def recorded_runs(world_dir, warm_model, tiny_qwen3, qa_files, tmp_path_factory)
             },
         )
         _train_one_step(tiny, str(root / "tiny"))
-        # A policy that calls tools (the turn rules), PPO with a KL term, GRPO credit.
+        # A policy that calls tools (the turn rules), PPO with a KL term, GRPO credit, padded rows.
         tools = runs.load_config(
             "tiny",
             {
@@ -138,6 +138,7 @@ def recorded_runs(world_dir, warm_model, tiny_qwen3, qa_files, tmp_path_factory)
                 "loss.policy_loss": "ppo",
                 "loss.kl_coef": 0.001,
                 "credit.mode": "grpo",
+                "train.packing": "padded",
             },
         )
         metrics = _train_one_step(tools, str(root / "tools"))
