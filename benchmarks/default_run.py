@@ -42,20 +42,42 @@ def read_metrics(workdir: str) -> tuple[dict[int, dict], list[tuple[int, float]]
     return evals, rewards
 
 
-def run_seed(workdir: str, seed: int) -> float:
-    """Runs the default config for ``seed`` unless already done; returns its wall seconds."""
+def run_seed(workdir: str, seed: int, extra: list[str] = ()) -> float:
+    """Runs the default config for ``seed`` (plus ``extra`` flags) unless already done; returns
+    its wall seconds."""
     done = os.path.join(workdir, "done")
+    flags = [f"--config.seed={seed}", "--config.checkpoint.keep=1000", *extra]
     if os.path.exists(done):
         with open(done) as f:
-            return float(json.load(f)["seconds"])
+            record = json.load(f)
+        if record["flags"] == flags:
+            return float(record["seconds"])
     shutil.rmtree(workdir, ignore_errors=True)
-    flags = [f"--config.seed={seed}", "--config.checkpoint.keep=1000"]
     start = time.perf_counter()
     launch(workdir, flags, resume=False)
     seconds = time.perf_counter() - start
     with open(done, "w") as f:
         json.dump({"seconds": seconds, "flags": flags}, f)
     return seconds
+
+
+def training_cost(workdir: str) -> dict[str, float]:
+    """The policy passes' cost over the run: update + scoring seconds, computed / real tokens,
+    compiled micro-batch shapes (``train/programs``; 0 for the padded layout)."""
+    seconds = computed = real = programs = 0.0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "train/computed_tokens" in record:
+                seconds += record.get("time/update_s", 0.0) + record.get("time/log_probs_s", 0.0)
+                computed += record["train/computed_tokens"]
+                real += record["train/real_tokens"]
+                programs = max(programs, record.get("train/programs", 0.0))
+    return {
+        "update_s": seconds,
+        "computed_per_real": computed / max(real, 1.0),
+        "programs": int(programs),
+    }
 
 
 def plot(runs: dict[int, tuple[dict[int, dict], list[tuple[int, float]]]], path: str) -> None:
@@ -103,16 +125,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "ablation"))
     parser.add_argument("--plot", default=os.path.join(ROOT, "runs", "default_run.png"))
+    parser.add_argument(
+        "--flag",
+        action="append",
+        default=[],
+        help="an extra launcher flag for every seed, e.g. --flag=--config.train.packing=padded "
+        "(the runs then go to <workdir>/seed<S>_<flags>)",
+    )
     args = parser.parse_args()
     runs, rows = {}, []
+    suffix = "_".join(f.split("=")[-1] for f in args.flag) or "atpo"
     for seed in args.seeds:
-        workdir = os.path.join(args.workdir, f"seed{seed}_atpo")
-        seconds = run_seed(workdir, seed)
+        workdir = os.path.join(args.workdir, f"seed{seed}_{suffix}")
+        seconds = run_seed(workdir, seed, args.flag)
         evals, rewards = read_metrics(workdir)
         runs[seed] = (evals, rewards)
         first, last = evals[min(evals)], evals[max(evals)]
         rows.append((seed, seconds, first, last, max(evals)))
-        print(f"seed {seed}: {seconds / 60:.1f} min", flush=True)
+        cost = training_cost(workdir)
+        print(
+            f"seed {seed}: {seconds / 60:.1f} min; update {cost['update_s']:.0f} s, computed / "
+            f"real tokens {cost['computed_per_real']:.3f}, programs {cost['programs']}",
+            flush=True,
+        )
     print("\n| seed | wall time | warm-start EM | EM after RL (step) | gain | 3-hop EM warm → RL |")
     print("|---|---|---|---|---|---|")
     gains = []

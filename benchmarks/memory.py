@@ -56,6 +56,8 @@ from atpo_jax import models  # noqa: E402
 from atpo_jax import parallel as sharding  # noqa: E402
 from atpo_jax.train import flops, policy  # noqa: E402
 from atpo_jax.train import optimizer as opt  # noqa: E402
+from atpo_jax.train.packed_update import PackedUpdate  # noqa: E402
+from atpo_jax.train.packing import PackedBatch  # noqa: E402
 
 GB = 1e9
 HBM_GB = 80.0
@@ -147,6 +149,60 @@ def compile_step(config, mesh, *, mini_rows: int, micro_rows: int, prompt: int, 
     return compiled, time.perf_counter() - start
 
 
+def abstract_packed(sequences: int, tokens: int, rows: int, response: int, mesh):
+    """A ``train.packing`` micro-batch: one sequence of ``tokens`` per batch device and the
+    mini-batch's ``rows`` (what ``packing.pack_mini_batch`` gives every micro-batch)."""
+    batch = sharding.batch_sharding(mesh)
+
+    def leaf(shape, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
+
+    seq, row = (sequences, tokens), (rows, response)
+    return PackedBatch(
+        tokens=leaf(seq, jnp.int32),
+        positions=leaf(seq, jnp.int32),
+        visible_end=leaf(seq, jnp.int32),
+        predictor=leaf(seq, jnp.int32),
+        row_index=leaf(row, jnp.int32),
+        loss_mask=leaf(row, jnp.int32),
+        advantages=leaf(row, jnp.float32),
+        old_log_probs=leaf(row, jnp.float32),
+        ref_log_probs=leaf(row, jnp.float32),
+    )
+
+
+def compile_packed_step(config, mesh, *, tokens: int, mini_rows: int, response: int):
+    """The packed update's two programs on ``mesh`` (gradient accumulation of one micro-batch,
+    then the optimizer step); returns their memory figures per device and the seconds taken.
+
+    The accumulation program's arguments are the parameters, the gradient accumulator and the
+    micro-batch; the optimizer state stays resident meanwhile, so it is added to that program's
+    total (and to its arguments) to give the step's peak."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: models.CausalLM(config, rngs=nnx.Rngs(0))))
+    params = with_shardings(params, sharding.param_shardings(mesh, params))
+    tx = opt.build_optimizer(opt.OptimizerSettings(learning_rate=1e-6))
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_state = with_shardings(opt_state, sharding.param_shardings(mesh, opt_state))
+    ways = sharding.batch_parallelism(mesh)
+    batch = abstract_packed(ways, tokens, mini_rows, response, mesh)
+    totals = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(mesh))
+    update = PackedUpdate(graphdef, tx, policy.LossSettings(), mesh=mesh)
+    start = time.perf_counter()
+    accumulate = memory_figures(update._accumulate.lower(params, params, batch, totals).compile())
+    apply = memory_figures(update._apply.lower(params, opt_state, params).compile())
+    state_gb = (
+        sum(
+            np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(opt_state)
+        )
+        / GB
+    )
+    accumulate["arguments"] += state_gb
+    accumulate["total"] += state_gb
+    peak = accumulate if accumulate["total"] >= apply["total"] else apply
+    return peak, time.perf_counter() - start
+
+
 def memory_figures(compiled) -> dict[str, float]:
     m = compiled.memory_analysis()
     total = (
@@ -203,15 +259,24 @@ def cpu_table(args: argparse.Namespace) -> None:
         micro_rows = args.rows_per_device * ways
         points = {}
         for layers in args.fit_layers:
-            compiled, seconds = compile_step(
-                model_config("4b", layers),
-                mesh,
-                mini_rows=args.mini_rows,
-                micro_rows=micro_rows,
-                prompt=args.prompt,
-                response=args.response,
-            )
-            points[layers] = memory_figures(compiled)
+            if args.packing == "padded":
+                compiled, seconds = compile_step(
+                    model_config("4b", layers),
+                    mesh,
+                    mini_rows=args.mini_rows,
+                    micro_rows=micro_rows,
+                    prompt=args.prompt,
+                    response=args.response,
+                )
+                points[layers] = memory_figures(compiled)
+            else:
+                points[layers], seconds = compile_packed_step(
+                    model_config("4b", layers),
+                    mesh,
+                    tokens=args.tokens_per_device,
+                    mini_rows=args.mini_rows,
+                    response=args.response,
+                )
             print(
                 f"    [{mesh_label(sizes)}: {layers} layers compiled in {seconds:.0f}s, total "
                 f"{points[layers]['total']:.2f} GB/device]",
@@ -220,8 +285,11 @@ def cpu_table(args: argparse.Namespace) -> None:
             )
         f = extrapolate(points, args.layers)
         fits = "yes" if f["total"] <= HBM_GB else "NO"
+        micro = (
+            micro_rows if args.packing == "padded" else f"{ways} x {args.tokens_per_device} tokens"
+        )
         print(
-            f"| {mesh_label(sizes)} | {micro_rows} | {f['arguments']:.2f} | {f['outputs']:.2f} | "
+            f"| {mesh_label(sizes)} | {micro} | {f['arguments']:.2f} | {f['outputs']:.2f} | "
             f"{f['temp']:.2f} | {f['total']:.2f} | {fits} |",
             flush=True,
         )
@@ -306,6 +374,11 @@ def main() -> None:
         help="compile these depths and extrapolate (default: compile --layers itself)",
     )  # fmt: skip
     parser.add_argument("--rows-per-device", type=int, default=2)
+    parser.add_argument(
+        "--packing", choices=("padded", "tree"), default="padded",
+        help="tree: the packed update (tree attention) on --tokens-per-device per micro-batch",
+    )  # fmt: skip
+    parser.add_argument("--tokens-per-device", type=int, default=16384)
     parser.add_argument("--mini-rows", type=int, default=MINI_BATCH_ROWS)
     parser.add_argument("--prompt", type=int, default=PROMPT)
     parser.add_argument("--response", type=int, default=RESPONSE)

@@ -95,8 +95,10 @@ def qwen3_4b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.remat = True
     c.mesh.data = 1
     c.mesh.fsdp = -1  # ZeRO-3 over every device: a 4B policy + AdamW does not fit replicated
-    # 1 row of 8192 tokens per device on 8 GPUs (47 GB of the train step; 2 rows take 83 GB with the
-    # XLA attention kernel, docs/scale_out.md); divides the 176-row mini-batch on 1, 2, 4 or 8 devices.
+    # train.packing=tree (the default): each tree's nodes once, 16,384 tokens per device per
+    # micro-batch (train.micro_batch_tokens, the reference's per-GPU budget). For
+    # train.packing=padded: 1 row of 8192 tokens per device on 8 GPUs (47 GB of the train step; 2
+    # rows take 83 GB with the XLA attention kernel, docs/scale_out.md).
     c.train.micro_batch_rows = 8
     c.train.steps = 5 * 100  # the paper trains 5 epochs; set to your dataset size / 64
     c.eval.every = 20

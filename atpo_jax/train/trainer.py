@@ -160,6 +160,14 @@ class Trainer:
     ):
         self.run = run
         s = run.settings
+        packed = s.train.packing != Packing.PADDED
+        if packed != isinstance(run.update_fn, PackedUpdate):
+            raise ValueError(
+                f"train.packing={s.train.packing} but the run's update_fn is "
+                f"{type(run.update_fn).__name__}: build the programs with builder.build_run, or "
+                "use packed_update.PackedUpdate / make_packed_log_prob_fn for rows|tree and "
+                "policy.make_update_fn / make_log_prob_fn for padded"
+            )
         os.makedirs(run.workdir, exist_ok=True)
         self.checkpointer = checkpointer or Checkpointer(
             os.path.join(run.workdir, "checkpoints"),
@@ -327,14 +335,13 @@ class Trainer:
                 pad_id=pad_id,
             )
             micro = packed.micro
-            counts = np.array(
-                [np.sum(batch.loss_mask != 0), np.sum(np.any(batch.loss_mask != 0, axis=1))]
-            )
+            trained = batch.loss_mask != 0
+            counts = [int(np.sum(trained)), int(np.sum(np.any(trained, axis=1)))]
             if jax.process_count() > 1:
                 shapes = parallel.allgather_objects([m.shape_key for m in micro])
                 micro = align_processes(micro, shapes, block=placement.batch_block, pad_id=pad_id)
                 counts = np.sum(parallel.allgather_objects(counts), axis=0)
-            totals = totals_from_counts(counts[0], counts[1], s.loss.loss_agg)
+            totals = totals_from_counts(np.int64(counts[0]), np.int64(counts[1]), s.loss.loss_agg)
             minis.append(PackedMiniBatch([placement.batch(m) for m in micro], totals))
             cost = cost + LayoutCost(
                 real=packed.real_tokens,

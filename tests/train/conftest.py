@@ -77,10 +77,14 @@ def run_overrides(world_dir, warm_model) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_run(run_overrides, child_env, tmp_path_factory) -> str:
-    """The workdir of an uninterrupted 4-step launcher run (checkpoints, metrics, hf_export)."""
+    """The workdir of an uninterrupted 4-step launcher run (checkpoints, metrics, hf_export).
+
+    It trains on the stand-in hashed reward (``launch_with_test_reward``): the 4-step policy
+    answers nothing right, so the real reward is the same everywhere and no update would move it;
+    evaluation keeps the real reward."""
     workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
     args = [*runs.config_flags("tiny", run_overrides), f"--workdir={workdir}"]
-    runs.check(runs.run_module("atpo_jax.launch", args, child_env))
+    runs.check(runs.run_module(runs.TEST_REWARD_LAUNCHER, args, child_env))
     assert os.path.isfile(os.path.join(workdir, "hf_export", "config.json"))
     return workdir
 

@@ -19,6 +19,8 @@ import ml_collections
 from tests.train.multidevice import HANG_GUARD_SCALE, REPO_ROOT, subprocess_env
 
 CONFIG_FILE = str(REPO_ROOT / "configs" / "search_qa.py")
+# ``atpo_jax.launch`` training on a hashed stand-in reward (real advantages from any policy).
+TEST_REWARD_LAUNCHER = "tests.train.launch_with_test_reward"
 
 # A small tree (2 initial chains + 1 expansion = 3 leaves), 2 prompts per step, short responses.
 TINY: dict[str, Any] = {

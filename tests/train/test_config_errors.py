@@ -22,7 +22,12 @@ from tests.train import runs
         ({"loss.policy_loss": "dpo"}, "loss.policy_loss='dpo' is not one of"),
         ({"loss.old_log_probs": "cached"}, "loss.old_log_probs='cached'"),
         ({"train.mini_batch_prompts": 3}, "train.mini_batch_prompts=3 must divide"),
-        ({"train.micro_batch_rows": 5}, "train.micro_batch_rows=5 must divide"),
+        (
+            {"train.packing": "padded", "train.micro_batch_rows": 5},
+            "train.micro_batch_rows=5 must divide",
+        ),
+        ({"train.packing": "dense"}, "train.packing='dense' is not one of"),
+        ({"train.micro_batch_tokens": 0}, "train.micro_batch_tokens=0 must be >= 1"),
         ({"train.steps": -1}, "train.steps must be >= 0"),
         ({"train.ppo_epochs": 0}, "train.ppo_epochs >= 1"),
         ({"train.log_every": 0}, "train.log_every=0 must be >= 1"),

@@ -11,11 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from atpo_jax import models
 from atpo_jax.train.optimizer import OptimizerSettings, build_optimizer
-from atpo_jax.train.policy import LossSettings, make_update_fn, policy_rows
+from atpo_jax.train.packed_update import PackedUpdate
+from atpo_jax.train.packing import MiniBatchRows, pack_mini_batch
+from atpo_jax.train.policy import LossSettings, make_update_fn, mini_batch_totals, policy_rows
 from tests.train import runs
 
 ROWS, PROMPT, RESPONSE = 4, 6, 12
@@ -51,15 +54,39 @@ def _rows():
     )
 
 
-def _fraction_changed(param_dtype) -> tuple[float, object]:
+def _packed_rows():
+    """The rows of ``_rows`` as one packed micro-batch (``train.packing=tree``; each row its own
+    node, so nothing is shared but the prompts)."""
+    rows = _rows()
+    prompt = np.asarray(rows.input_ids)[::2, :PROMPT]
+    batch = MiniBatchRows(
+        prompt_tokens=prompt,
+        prompt_mask=np.ones_like(prompt),
+        tree_index=np.repeat(np.arange(2), 2).astype(np.int32),
+        response=np.asarray(rows.response),
+        loss_mask=np.asarray(rows.loss_mask),
+        token_node=np.repeat(np.arange(1, ROWS + 1, dtype=np.int32)[:, None], RESPONSE, axis=1),
+        advantages=np.asarray(rows.advantages),
+        old_log_probs=np.asarray(rows.old_log_probs),
+    )
+    return pack_mini_batch(batch, "tree", budget=64).micro, mini_batch_totals(
+        batch.loss_mask, LossSettings().loss_agg
+    )
+
+
+def _fraction_changed(param_dtype, packing: str = "padded") -> tuple[float, object]:
     """One AdamW update at lr 1e-6 (the paper's optimizer) -> fraction of weights that changed."""
     model = models.CausalLM(_qwen3(param_dtype), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     before = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
     tx = build_optimizer(OptimizerSettings(learning_rate=1e-6))
     opt_state = tx.init(params)
-    update = make_update_fn(graphdef, tx, LossSettings(), micro_rows=2, donate=False)
-    new_params, new_state, metrics = update(params, opt_state, _rows())
+    if packing == "padded":
+        update = make_update_fn(graphdef, tx, LossSettings(), micro_rows=2, donate=False)
+        new_params, new_state, metrics = update(params, opt_state, _rows())
+    else:
+        update = PackedUpdate(graphdef, tx, LossSettings(), donate=False)
+        new_params, new_state, metrics = update(params, opt_state, *_packed_rows())
     assert np.isfinite(float(metrics["loss"]))
     after = [np.asarray(x, np.float32) for x in jax.tree.leaves(new_params)]
     changed = sum(int(np.sum(a != b)) for a, b in zip(after, before, strict=True))
@@ -67,8 +94,9 @@ def _fraction_changed(param_dtype) -> tuple[float, object]:
     return changed / total, (new_params, new_state)
 
 
-def test_float32_masters_move_at_the_paper_learning_rate():
-    fraction, (params, opt_state) = _fraction_changed(jnp.float32)
+@pytest.mark.parametrize("packing", ["padded", "tree"])
+def test_float32_masters_move_at_the_paper_learning_rate(packing):
+    fraction, (params, opt_state) = _fraction_changed(jnp.float32, packing)
     assert fraction >= 0.99, fraction
     # Masters and Adam moments stay float32 although the forward and backward run in bfloat16.
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}

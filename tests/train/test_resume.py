@@ -36,6 +36,9 @@ async def finalize(self, *args, **kwargs):
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
 from absl import app
 from atpo_jax import launch
+from atpo_jax.rewards.qa import RewardSettings
+from tests.train.launch_with_test_reward import training_reward
+RewardSettings.score = training_reward  # the reference run's stand-in reward
 sys.argv = ["atpo_jax.launch", *{args!r}]
 app.run(launch.main)
 """
@@ -80,7 +83,7 @@ def test_run_killed_mid_save_resumes_bitwise(trained_run, run_overrides, child_e
     reader.close()
     written_before = len(read_metrics(os.path.join(workdir, "metrics.jsonl"), merge_steps=False))
 
-    resumed = runs.check(runs.run_module("atpo_jax.launch", [*args, "--resume"], child_env))
+    resumed = runs.check(runs.run_module(runs.TEST_REWARD_LAUNCHER, [*args, "--resume"], child_env))
     assert "Held-out evaluation after 4 steps" in resumed.stdout
     # The resumed run removed the partial save and wrote steps 3 and 4 (keep=3).
     assert runs.listdir(checkpoints) == ["2", "3", "4"]

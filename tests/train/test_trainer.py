@@ -50,7 +50,10 @@ def hand_built_run(world_dir: str, workdir: str) -> Run:
         rollout=rollout,
         loss=LossSettings(clip_low=0.2, clip_high=0.28),
         optim=OptimizerSettings(learning_rate=1e-3),
-        train=TrainSettings(steps=1, prompts_per_step=2, mini_batch_prompts=2, micro_batch_rows=3),
+        # The padded layout (the trainer's packed path is what the launcher runs use).
+        train=TrainSettings(
+            steps=1, prompts_per_step=2, mini_batch_prompts=2, packing="padded", micro_batch_rows=3
+        ),
         eval=EvalSettings(every=0, batch_prompts=2),
         checkpoint=CheckpointSettings(every=1),
         logging=LoggingSettings(tensorboard=False, plot=False),
