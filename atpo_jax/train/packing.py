@@ -104,8 +104,14 @@ class MiniBatchRows:
 
     def real_tokens(self) -> int:
         """Tokens of the per-leaf rows without padding: each row's prompt plus its response."""
-        prompts = np.sum(np.asarray(self.prompt_mask) != 0, axis=1)[self.tree_index]
-        return int(np.sum(prompts) + np.sum(self.row_lengths()))
+        return real_tokens(self.prompt_mask, self.tree_index, self.token_node)
+
+
+def real_tokens(prompt_mask: np.ndarray, tree_index: np.ndarray, token_node: np.ndarray) -> int:
+    """Prompt plus response tokens of every leaf row, without padding (``prompt_mask`` [trees, P],
+    ``tree_index`` [rows], ``token_node`` [rows, R] with -1 on padding)."""
+    prompts = np.sum(np.asarray(prompt_mask) != 0, axis=1)[np.asarray(tree_index)]
+    return int(np.sum(prompts) + np.sum(np.asarray(token_node) >= 0))
 
 
 @dataclasses.dataclass

@@ -55,6 +55,7 @@ from atpo_jax.train.packing import (
     Packing,
     align_processes,
     pack_mini_batch,
+    real_tokens,
 )
 from atpo_jax.train.policy import OldLogProbs, PolicyRows, policy_rows, totals_from_counts
 from atpo_jax.train.run import Run
@@ -100,12 +101,6 @@ class LayoutCost:
             "train/computed_tokens": float(self.computed),
             "train/padding_fraction": 1.0 - self.placed / max(self.computed, 1),
         }
-
-
-def _real_tokens(rows: RowArrays) -> int:
-    """Prompt plus response tokens of every leaf row, without padding."""
-    prompts = np.sum(np.asarray(rows.prompt_mask) != 0, axis=1)[np.asarray(rows.tree_index)]
-    return int(prompts.sum() + np.sum(np.asarray(rows.token_node) >= 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +296,7 @@ class Trainer:
             )
             for start in range(0, rows.num_rows, local)
         ]
-        real = _real_tokens(rows)
+        real = real_tokens(rows.prompt_mask, rows.tree_index, rows.token_node)
         cost = LayoutCost(real=real, placed=real, computed=int(padded.input_ids.size))
         return minis, cost.gathered(padded.input_ids.shape[1])
 
