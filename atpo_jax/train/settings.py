@@ -48,6 +48,8 @@ class TrainSettings:
       micro_batch_rows: ``padded``: rows per gradient-accumulation micro-batch; divides a
         mini-batch's rows and is divisible by the batch devices (``mesh.data x mesh.fsdp``).
       log_every: a progress line every k steps when stderr is not a terminal.
+      max_nonfinite_skips: consecutive optimizer updates skipped for a non-finite loss or
+        gradient after which the run stops with an error (0: never stop, only count them).
     """
 
     steps: int = 100
@@ -58,9 +60,14 @@ class TrainSettings:
     micro_batch_tokens: int = 16384
     micro_batch_rows: int = 22
     log_every: int = 1
+    max_nonfinite_skips: int = 3
 
     def __post_init__(self) -> None:
         coerce_choices(self, "train")
+        check(
+            self.max_nonfinite_skips >= 0,
+            f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0 (0: never stop)",
+        )
         check(
             self.micro_batch_tokens >= 1,
             f"train.micro_batch_tokens={self.micro_batch_tokens} must be >= 1",

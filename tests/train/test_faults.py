@@ -19,8 +19,12 @@ from atpo_jax.tools.retrieval_server import create_app, serve_in_thread
 from atpo_jax.train.metrics import read_metrics
 from atpo_jax.builder import build_run
 from atpo_jax.train.trainer import Trainer
+from tests.train.launch_with_test_reward import training_reward
 from tests.train.runs import load_config
+from atpo_jax.rewards.qa import RewardSettings
 
+# The same stand-in training reward as the ``trained_run`` this run is compared with.
+RewardSettings.score = training_reward
 overrides = json.loads({overrides!r})
 app = create_app(LocalBM25Retriever({corpus!r}), default_topk=3)
 server = serve_in_thread(app)
