@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app
@@ -14,13 +15,36 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: the key does not exist
-        key = str(e).strip("'\"")
-        names = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
-        culprit = next((n for n in names if key in n[len("--config.") :].split(".")), None)
-        print(
-            f"configuration error: {culprit or 'a --config override'} names no setting "
-            f"({key!r} does not exist there); the settings and their defaults are in the config "
-            "file (e.g. configs/search_qa.py)",
-            file=sys.stderr,
-        )
+        print(f"configuration error: {unknown_override_message(e, argv)}", file=sys.stderr)
         sys.exit(2)
+
+
+def unknown_override_message(error: BaseException, argv: list[str]) -> str:
+    """The one-line message for a ``--config.<key>`` override that names no setting.
+
+    ml_collections raises ``KeyError("'stepz'\\nDid you mean \"steps\" instead of \"stepz\"?")``
+    (or an ``AttributeError`` with the same text): the bad segment and, when close to a real
+    one, its suggestion. The message names the whole override and the corrected one.
+    """
+    text = str(error.args[0]) if error.args else str(error)
+    # The first identifier in the text, whatever quoting and escaping surround it.
+    first = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    segment = first.group(0) if first else text
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    names = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+    culprit = next((n for n in names if segment in n[len("--config.") :].split(".")), None)
+    where = culprit or "a --config override"
+    message = f"{where} names no setting ({segment!r} does not exist there)"
+    if suggestion and culprit:
+        parts = culprit[len("--config.") :].split(".")
+        fixed = ".".join(suggestion.group(1) if p == segment else p for p in parts)
+        return f"{message}: did you mean --config.{fixed}?"
+    if suggestion:
+        return f"{message}: did you mean {suggestion.group(1)!r}?"
+    return f"{message}; the settings and their defaults are in the config file (e.g. configs/search_qa.py)"
+
+
+def fail(kind: str, error: BaseException, code: int = 2) -> None:
+    """Prints ``<kind>: <error>`` as one line on stderr and exits with ``code``."""
+    print(f"{kind}: {error}", file=sys.stderr)
+    sys.exit(code)

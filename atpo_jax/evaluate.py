@@ -19,7 +19,9 @@ per question, the reward's format check skipped (``atpo_jax.train.evaluation``),
 as ``<OUT>/evaluation_step_<K>.json`` (orbax) or ``<OUT>/evaluation_<directory name>.json`` (Hugging
 Face); ``OUT`` defaults to the run directory (the parent of ``PATH`` when that holds a run), else
 ``runs/evaluate/<directory name>``. A configuration problem (a missing or mismatched checkpoint,
-data file, retriever or setting) exits with status 2 and one message on stderr.
+data file, retriever or setting) exits with status 2 and one message on stderr; so does a checkpoint
+that cannot be read or fails its integrity check (the evaluator never reports metrics of damaged
+weights).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from typing import Any
 
 import ml_collections
@@ -36,12 +37,12 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from atpo_jax.builder import build_run
-from atpo_jax.cli import parse_flags
+from atpo_jax.cli import fail, parse_flags
 from atpo_jax.config import run_settings
 from atpo_jax.data.settings import DataSource
 from atpo_jax.settings import ConfigError
 from atpo_jax.train import evaluation
-from atpo_jax.train.checkpointing import Checkpointer
+from atpo_jax.train.checkpointing import Checkpointer, CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +182,9 @@ def main(argv: list[str]) -> None:
             _CONFIG.value, _CHECKPOINT.value, step=_STEP.value, workdir=_WORKDIR.value
         )
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("configuration error", e)
+    except CheckpointError as e:
+        fail("checkpoint error", e)
     where = results["checkpoint"] + ("" if results["step"] is None else f" step {results['step']}")
     print(f"Greedy evaluation of {where} ({results['n']} questions):")
     print(evaluation.markdown_table(results))

@@ -1,7 +1,10 @@
 """Entry point: ``python -m atpo_jax.launch --config=configs/search_qa.py[:variant] [--workdir=DIR]``.
 
-Config overrides use ml_collections syntax, e.g. ``--config.rollout.beam_size=4``. ``--resume``
-continues from the newest complete checkpoint in ``<workdir>/checkpoints``.
+Config overrides use ml_collections syntax, e.g. ``--config.rollout.beam_size=4``. A run owns its
+workdir (a lock; ``run.json`` records its settings): a fresh run refuses a workdir that holds
+another run; ``--resume`` continues it from the newest complete checkpoint that verifies
+(refusing settings that change the run unless ``--resume_allow_changes`` names them);
+``--overwrite`` moves it to ``<workdir>/archive/`` and starts afresh (docs/training.md).
 
 Multi-process runs (docs/scale_out.md): start the same command once per process. On TPU pods,
 SLURM and Open MPI ``jax.distributed`` finds its peers by itself; elsewhere pass
@@ -13,7 +16,6 @@ run is single-process.
 from __future__ import annotations
 
 import logging
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -21,17 +23,31 @@ from ml_collections import config_flags
 
 from atpo_jax import parallel
 from atpo_jax.builder import build_run, default_workdir
-from atpo_jax.cli import parse_flags
+from atpo_jax.cli import fail, parse_flags
 from atpo_jax.config import run_settings
 from atpo_jax.settings import ConfigError
+from atpo_jax.train.checkpointing import CheckpointError
 from atpo_jax.train.evaluation import markdown_table
+from atpo_jax.train.optimizer import NonFiniteError
 from atpo_jax.train.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/search_qa.py", "Path to an ml_collections config file[:variant]."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<variant>).")
-_RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in the workdir.")
+_RESUME = flags.DEFINE_bool(
+    "resume", False, "Continue the workdir's run from its newest checkpoint that verifies."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Start afresh in a workdir that holds a run, moving that run to <workdir>/archive/<time>/.",
+)
+_ALLOW_CHANGES = flags.DEFINE_list(
+    "resume_allow_changes",
+    [],
+    "With --resume: settings (section.field or section.*) allowed to differ from the saved run's.",
+)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",
@@ -62,8 +78,7 @@ def main(argv: list[str]) -> None:
     try:
         settings = run_settings(_CONFIG.value)
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("configuration error", e)
     workdir = _WORKDIR.value or default_workdir(settings)
     try:
         parallel.initialize(
@@ -76,14 +91,20 @@ def main(argv: list[str]) -> None:
             }
         )
     except ValueError as e:
-        print(f"distributed setup error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("distributed setup error", e)
     try:
         trainer = Trainer(build_run(settings, workdir))
-        results = trainer.train(resume=_RESUME.value)
+        results = trainer.train(
+            resume=_RESUME.value,
+            overwrite=_OVERWRITE.value,
+            allow_changes=tuple(_ALLOW_CHANGES.value),
+        )
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail("configuration error", e)
+    except CheckpointError as e:
+        fail("checkpoint error", e)
+    except NonFiniteError as e:
+        fail("training stopped", e, code=1)
     if results and parallel.is_main_process():
         print(f"\nHeld-out evaluation after {trainer.step} steps (workdir {workdir}):")
         print(markdown_table(results))

@@ -21,6 +21,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from atpo_jax import settings
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -64,8 +66,9 @@ _OWNED_KEYS = frozenset(
 )
 
 
-class ConfigError(ValueError):
-    """A ``config.json`` (or a ``ModelConfig``) describes something this package cannot build."""
+class ConfigError(settings.ConfigError):
+    """A ``config.json`` (or a ``ModelConfig``) describes something this package cannot build
+    (a configuration error like any other: the launchers report it as one line)."""
 
 
 @dataclasses.dataclass(frozen=True)

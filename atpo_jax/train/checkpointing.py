@@ -32,14 +32,19 @@ at step boundaries (``shutdown.check()``), where it saves a final checkpoint and
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
+import json
 import logging
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -142,6 +147,15 @@ def _save_arg(name: str, value: Any) -> ocp.args.CheckpointArgs:
     return ocp.args.StandardSave(_box(keys_to_data(value)))
 
 
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective in a multi-process run)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def _is_bare_leaf(value: Any) -> bool:
     return jax.tree_util.treedef_is_leaf(jax.tree.structure(value))
 
@@ -180,6 +194,140 @@ def _restore_arg(value: Any) -> ocp.args.CheckpointArgs:
     if _is_json_item(value):
         return ocp.args.JsonRestore()
     return ocp.args.StandardRestore(_box(jax.tree.map(_abstract_leaf, value)))
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: a checksum of every saved value, stored with the step and verified on restore
+
+CHECKSUM_ITEM = "checksums"
+_MOD = 1 << 32
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint step cannot be used: its data fails verification or cannot be read."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def _unsigned_bits(x: jax.Array) -> jax.Array:
+    """The raw bits of ``x`` as an unsigned integer array of the same width, widened to uint32."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = jnp.dtype(x.dtype).itemsize
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _weighted_sum(x: jax.Array) -> jax.Array:
+    """uint32 scalar: sum over elements of bits(x_i) * (2 i + 1) mod 2^32, i the row-major index.
+
+    Modular integer arithmetic is exact in any order, so the value does not depend on the
+    sharding, the mesh or the device it runs on. The weight of every position is odd, hence a
+    unit mod 2^32: any change of a single element changes the sum, and changes of several cancel
+    with probability ~2^-32 (positions matter, so swapped elements are caught too).
+    """
+    bits = _unsigned_bits(x)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in range(x.ndim - 1, -1, -1):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+        index = index + iota * jnp.uint32(stride % _MOD)
+        stride *= x.shape[axis]
+    return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+_device_checksums = jax.jit(lambda leaves: [_weighted_sum(x) for x in leaves])
+
+
+def numpy_checksum(x: np.ndarray) -> int:
+    """:func:`_weighted_sum` in NumPy (64-bit host arrays, and the reference in tests)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        bits = x.astype(np.uint64).reshape(-1)
+    else:
+        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+        bits = x.view(unsigned).reshape(-1).astype(np.uint64)
+    weights = (np.arange(bits.size, dtype=np.uint64) * 2 + 1) % _MOD
+    return int(np.sum((bits % _MOD) * weights % _MOD, dtype=np.uint64) % _MOD)
+
+
+def _json_digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _leaf_records(value: Any) -> dict[str, Any]:
+    """``{leaf path: {"sum", "dtype", "shape"}}`` for an array item (as stored: boxed, keys as
+    data); Python scalars are recorded by value."""
+    tree = _box(keys_to_data(value))
+    with_paths = jax.tree_util.tree_leaves_with_path(tree)
+    if not with_paths:
+        return {}
+    paths, leaves = zip(*with_paths, strict=True)
+    names = [jax.tree_util.keystr(p) for p in paths]
+    on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    sums = dict(
+        zip(
+            on_device,
+            jax.device_get(_device_checksums([leaves[i] for i in on_device])),
+            strict=True,
+        )
+    )
+    records = {}
+    for i, (name, x) in enumerate(zip(names, leaves, strict=True)):
+        if isinstance(x, _JSON_SCALARS):
+            records[name] = {"value": x}
+        else:
+            total = int(sums[i]) if i in sums else numpy_checksum(np.asarray(x))
+            records[name] = {"sum": total, "dtype": str(x.dtype), "shape": list(x.shape)}
+    return records
+
+
+def checksums(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The integrity record of ``state`` (item -> leaf -> checksum, or the JSON item's digest)."""
+    return {
+        name: {"json_sha256": _json_digest(value)}
+        if _is_json_item(value)
+        else {"leaves": _leaf_records(value)}
+        for name, value in state.items()
+    }
+
+
+def verify(step: int, restored: Mapping[str, Any], record: Mapping[str, Any]) -> int:
+    """Checks restored items against their integrity record; returns the number of values
+    verified. A leaf restored into another dtype or shape than saved (a cast on restore) cannot
+    be compared and is skipped.
+
+    Raises:
+      CheckpointError: an item or leaf differs from what was saved.
+    """
+    checked = 0
+    for name, value in restored.items():
+        want = record.get(name)
+        if want is None:
+            continue
+        if "json_sha256" in want:
+            if _json_digest(value) != want["json_sha256"]:
+                raise CheckpointError(step, f"checkpoint step {step}: item {name!r} was altered")
+            checked += 1
+            continue
+        got = _leaf_records(value)
+        for leaf, saved in want["leaves"].items():
+            have = got.get(leaf)
+            if have is None or have.get("dtype") != saved.get("dtype"):
+                continue
+            if have.get("shape") != saved.get("shape"):
+                continue
+            if have != saved:
+                raise CheckpointError(
+                    step,
+                    f"checkpoint step {step}: {name}{leaf} differs from the saved data "
+                    "(checksum mismatch: the files were damaged after the save)",
+                )
+            checked += 1
+    return checked
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +378,7 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._last_saved: int | None = None
+        self._warned_unverified = False
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` without ``force`` writes a checkpoint."""
@@ -255,7 +404,12 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps():
             return False
-        args = ocp.args.Composite(**{name: _save_arg(name, v) for name, v in state.items()})
+        if CHECKSUM_ITEM in state:
+            raise ValueError(f"{CHECKSUM_ITEM!r} is reserved for the checkpoint's integrity record")
+        items = {name: _save_arg(name, v) for name, v in state.items()}
+        # Saved with the step (one atomic rename), so a complete step always has its record.
+        items[CHECKSUM_ITEM] = ocp.args.JsonSave(checksums(state))
+        args = ocp.args.Composite(**items)
         saved = self._manager.save(step, args=args, force=True)
         if saved:
             self._last_saved = step
@@ -297,9 +451,15 @@ class Checkpointer:
           item name -> restored value (``jax.Array`` leaves where the target had arrays,
           NumPy where it had NumPy, typed keys where it had typed keys; JSON lists stay lists).
 
+        Every restored value is checked against the integrity record saved with the step
+        (:func:`checksums`); a checkpoint without one (an older version's) is restored with a
+        warning.
+
         Raises:
           FileNotFoundError: no complete checkpoint (for ``step``) in the directory.
           KeyError: ``target`` names an item the checkpoint does not have.
+          CheckpointError: the step's files cannot be read, or what they hold differs from what
+            was saved.
         """
         if not isinstance(target, Mapping) or not target:
             raise ValueError("restore target must be a non-empty dict of item name -> pytree")
@@ -320,14 +480,56 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} has no item(s) {missing}; "
                 f"it has {available}"
             )
-        args = ocp.args.Composite(**{name: _restore_arg(v) for name, v in target.items()})
-        restored = self._manager.restore(step, args=args)
+        items = {name: _restore_arg(v) for name, v in target.items()}
+        has_record = CHECKSUM_ITEM in available
+        if has_record:
+            items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
+        error = None
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - any failure to read the files means: unusable
+            error = f"{type(e).__name__}: {e}"
+        # Every process must agree (the verification below is a collective).
+        if _any_process(error is not None) and error is None:
+            error = "another process could not read it"
+        if error is not None:
+            raise CheckpointError(
+                step, f"checkpoint step {step} in {self.directory} cannot be read ({error})"
+            )
+        restored = {name: restored[name] for name in items}
+        record = restored.pop(CHECKSUM_ITEM, None)
+        if record is not None:
+            verify(step, restored, record)
+        elif not self._warned_unverified:
+            self._warned_unverified = True
+            log.warning(
+                "checkpoint step %d in %s has no integrity record (saved by an older version): "
+                "restored unverified",
+                step,
+                self.directory,
+            )
         return {
             name: restored[name]
             if _is_json_item(ref)
             else keys_from_data(_unbox(restored[name], ref), ref)
             for name, ref in target.items()
         }
+
+    def quarantine(self, step: int) -> str:
+        """Moves step ``step`` out of the checkpoint directory, to ``<directory>_damaged/``
+        (kept for inspection, never read again); returns its new path. Every process calls it;
+        process 0 moves the files."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = os.path.join(f"{self.directory}_damaged", f"{step}-{stamp}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until an asynchronous save in flight is on disk."""
@@ -423,6 +625,9 @@ def install_sigterm_handler(
     seconds) must cover the rest of the current step plus the save; otherwise the run resumes from
     the last periodic checkpoint, which is still complete.
 
+    With ``signal.SIGINT`` among ``signals``, a first Ctrl-C stops at the step boundary like
+    SIGTERM and a second one raises ``KeyboardInterrupt`` at once.
+
     Must be called from the main thread (a Python rule for signal handlers).
     """
     if threading.current_thread() is not threading.main_thread():
@@ -431,7 +636,14 @@ def install_sigterm_handler(
 
     def handler(signum: int, frame: Any) -> None:
         del frame
-        log.warning("received %s; stopping after the current step", signal.Signals(signum).name)
+        if signum == signal.SIGINT and request.requested:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        log.warning(
+            "received %s; stopping after the current step (Ctrl-C again to interrupt at once)"
+            if signum == signal.SIGINT
+            else "received %s; stopping after the current step",
+            signal.Signals(signum).name,
+        )
         request.request()
 
     for signum in signals:

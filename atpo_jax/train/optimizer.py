@@ -6,6 +6,7 @@ non-finite gradients skipped and counted.
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     nonfinite_skips(opt_state)                            # int32 scalar: updates skipped so far
+    consecutive_nonfinite_skips(opt_state)                # int32 scalar: ... in a row, up to now
 
 The transformation is ``apply_if_finite(chain(clip_by_global_norm, adamw))``. A step whose
 gradients hold a NaN or Inf returns zero updates and leaves the inner state (Adam moments, the
@@ -200,6 +201,15 @@ def _value(x: Any) -> jax.Array:
 def nonfinite_skips(opt_state: Any) -> jax.Array:
     """int32 scalar: the number of updates skipped so far because a gradient was NaN or Inf."""
     return _value(_finite_state(opt_state).total_notfinite)
+
+
+def consecutive_nonfinite_skips(opt_state: Any) -> jax.Array:
+    """int32 scalar: updates skipped in a row up to now (0 when the last one was applied)."""
+    return _value(_finite_state(opt_state).notfinite_count)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients too often to continue."""
 
 
 def last_update_skipped(opt_state: Any) -> jax.Array:

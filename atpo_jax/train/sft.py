@@ -151,9 +151,14 @@ def run_sft(
     *,
     seed: int,
     on_step: Callable[[int, Any], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Any, list[float]]:
     """Trains ``params`` on ``rows`` for ``settings.steps`` steps; returns the new parameters and
     the loss per step.
+
+    ``should_stop`` is polled between steps (every step on one process, every 10th in a
+    multi-process run, where it is a collective); when it answers True the loop ends early and
+    fewer losses than steps are returned.
 
     Rows are grouped by response length (buckets 32 tokens wide) and every batch comes from one
     bucket, its responses cut to the bucket width: short 1-hop demonstrations do not pay for the
@@ -173,7 +178,10 @@ def run_sft(
     cursors = {w: (rng.permutation(buckets[w]), 0) for w in names}
     prompt_len = rows.input_ids.shape[1] - response_len
     losses = []
+    poll_every = 1 if jax.process_count() == 1 else 10
     for step in range(settings.steps):
+        if should_stop is not None and step % poll_every == 0 and should_stop():
+            break
         w = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         order, cursor = cursors[w]
         size = min(settings.batch_size, len(order))
@@ -202,6 +210,7 @@ def warm_start(
     max_prompt_len: int,
     max_response_len: int,
     seed: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Any, list[float]]:
     """The supervised warm start of a run: its demonstrations (renamed copies added), encoded like
     RL rows, then :func:`run_sft` with a progress bar. Returns the new parameters and losses."""
@@ -219,7 +228,14 @@ def warm_start(
     progress = ProgressBar(settings.steps, desc="warm start", postfix_keys=())
     try:
         return run_sft(
-            graphdef, params, rows, settings, optim, seed=seed, on_step=lambda *_: progress.update()
+            graphdef,
+            params,
+            rows,
+            settings,
+            optim,
+            seed=seed,
+            on_step=lambda *_: progress.update(),
+            should_stop=should_stop,
         )
     finally:
         progress.close()

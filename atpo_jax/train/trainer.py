@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 from typing import Any
 
 import jax
@@ -37,8 +38,14 @@ from atpo_jax import models, parallel
 from atpo_jax.rollout.pack import RowArrays
 from atpo_jax.rollout.stats import merge_rollout_metrics
 from atpo_jax.rollout.trace import tree_records, write_trace
+from atpo_jax.settings import ConfigError
 from atpo_jax.train import evaluation
-from atpo_jax.train.checkpointing import Checkpointer, install_sigterm_handler
+from atpo_jax.train.checkpointing import (
+    Checkpointer,
+    CheckpointError,
+    ShutdownRequest,
+    install_sigterm_handler,
+)
 from atpo_jax.train.credit import assign_credit
 from atpo_jax.train.metrics import (
     MetricsWriter,
@@ -47,7 +54,13 @@ from atpo_jax.train.metrics import (
     step_metrics,
     throughput_metrics,
 )
-from atpo_jax.train.optimizer import current_learning_rate, nonfinite_skips
+from atpo_jax.train.optimizer import (
+    NonFiniteError,
+    applied_updates,
+    consecutive_nonfinite_skips,
+    current_learning_rate,
+    nonfinite_skips,
+)
 from atpo_jax.train.packed_update import PackedUpdate
 from atpo_jax.train.packing import (
     MiniBatchRows,
@@ -61,6 +74,7 @@ from atpo_jax.train.policy import OldLogProbs, PolicyRows, policy_rows, totals_f
 from atpo_jax.train.run import Run
 from atpo_jax.train.sft import warm_start
 from atpo_jax.train.state import TrainState
+from atpo_jax.train.workdir import Claim, WorkdirError, WorkdirMode, claim_workdir
 
 logger = logging.getLogger(__name__)
 
@@ -163,20 +177,45 @@ class Trainer:
                 "use packed_update.PackedUpdate / make_packed_log_prob_fn for rows|tree and "
                 "policy.make_update_fn / make_log_prob_fn for padded"
             )
-        os.makedirs(run.workdir, exist_ok=True)
-        self.checkpointer = checkpointer or Checkpointer(
-            os.path.join(run.workdir, "checkpoints"),
-            keep=s.checkpoint.keep,
-            save_every=s.checkpoint.every,
-        )
-        self.writer = writer or MetricsWriter(
-            run.workdir,
-            tensorboard=s.logging.tensorboard,
-            wandb_project=s.logging.wandb_project or None,
-            wandb_config=dataclasses.asdict(s),
-        )
+        # Opened on first use, not here: a trainer built only to restore or inspect a workdir
+        # must not write to it (a writable checkpointer deletes the partial saves it finds,
+        # which may be another live run's save in flight) until ``train`` has claimed it.
+        self._checkpointer = checkpointer
+        self._writer = writer
+        self._claimed = False
         self.timer = PhaseTimer()
         self.state: TrainState | None = None
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The run's checkpoints: writable once ``train`` has claimed the workdir, read-only
+        before (for ``restore`` and inspection)."""
+        if self._checkpointer is None:
+            s = self.run.settings
+            directory = os.path.join(self.run.workdir, "checkpoints")
+            read_only = not self._claimed
+            if read_only and not os.path.isdir(directory):
+                raise FileNotFoundError(f"no checkpoints in {self.run.workdir}")
+            self._checkpointer = Checkpointer(
+                directory,
+                keep=s.checkpoint.keep,
+                save_every=s.checkpoint.every,
+                read_only=read_only,
+            )
+        return self._checkpointer
+
+    @property
+    def writer(self) -> MetricsWriter:
+        """The run's metrics log (``metrics.jsonl``, TensorBoard, W&B), opened on first use."""
+        if self._writer is None:
+            s = self.run.settings
+            self._writer = MetricsWriter(
+                self.run.workdir,
+                tensorboard=s.logging.tensorboard,
+                wandb_project=s.logging.wandb_project or None,
+                wandb_config=dataclasses.asdict(s),
+            )
+        return self._writer
 
     @property
     def step(self) -> int:
@@ -202,8 +241,33 @@ class Trainer:
         logger.info("resumed from checkpoint step %d", int(restored["step"]))
         return target.from_checkpoint_items(restored)
 
-    def warm_start(self, state: TrainState) -> TrainState:
-        """The supervised warm start (``sft.steps > 0``); the KL reference becomes its result."""
+    def _restore_newest_intact(self) -> TrainState:
+        """The newest checkpoint that reads and verifies; a damaged one is reported by step,
+        moved aside (``checkpoints_damaged/``) and the one before it is tried."""
+        damaged = []
+        for step in reversed(self.checkpointer.all_steps()):
+            try:
+                return self.restore(step)
+            except CheckpointError as e:
+                moved = self.checkpointer.quarantine(step)
+                logger.error("%s; moved it to %s, trying the previous checkpoint", e, moved)
+                damaged.append(str(e))
+        raise CheckpointError(
+            -1,
+            f"no checkpoint in {self.checkpointer.directory} could be restored: "
+            + "; ".join(damaged)
+            + ". Start afresh with --overwrite",
+        )
+
+    def warm_start(self, state: TrainState, stop: ShutdownRequest | None = None) -> TrainState:
+        """The supervised warm start (``sft.steps > 0``); the KL reference becomes its result.
+
+        With ``stop``, a termination signal ends the warm start at the next SFT step through
+        ``stop.check()`` (its result is not kept: it is not the warm start the run asked for).
+
+        Raises:
+          NonFiniteError: the supervised loss became NaN or Inf.
+        """
         run, s = self.run, self.run.settings
         if s.sft.steps <= 0:
             return state
@@ -219,6 +283,16 @@ class Trainer:
                 max_prompt_len=s.rollout.max_prompt_len,
                 max_response_len=s.rollout.max_response_len,
                 seed=s.seed,
+                should_stop=None if stop is None else stop.should_stop,
+            )
+        if stop is not None and len(losses) < s.sft.steps:
+            stop.check()  # stopped by a signal: exits
+        bad = [i for i, loss in enumerate(losses) if not np.isfinite(loss)]
+        if bad:
+            raise NonFiniteError(
+                f"the warm start's loss was {losses[bad[0]]} at SFT step {bad[0] + 1} of "
+                f"{s.sft.steps}: lower sft.learning_rate, check the demonstrations, or try "
+                "model.dtype=float32"
             )
         times = self.timer.pop()
         logger.info(
@@ -479,22 +553,97 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def train(self, *, resume: bool = False) -> dict[str, Any]:
-        """Trains for ``train.steps`` steps (continuing from the latest checkpoint with
-        ``resume``); returns the last held-out evaluation."""
+    def train(
+        self,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        allow_changes: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """Trains for ``train.steps`` steps; returns the last held-out evaluation.
+
+        The run first claims its workdir (``atpo_jax.train.workdir``): an exclusive lock, and a
+        check that the workdir holds no other run. ``resume`` continues the run recorded there
+        from its newest checkpoint that verifies (settings that change the run must be named in
+        ``allow_changes``); ``overwrite`` archives an earlier run to ``<workdir>/archive/`` and
+        starts afresh; neither: the workdir must hold no earlier run.
+
+        SIGTERM and SIGINT, from the first line on, stop the run at the next safe point (an RL
+        step's end, or an SFT step during the warm start, whose partial result is not kept),
+        saving a final checkpoint; a second SIGINT interrupts at once.
+
+        Raises:
+          WorkdirError: the workdir is in use or holds a run this call must not mix with.
+          NonFiniteError: ``train.max_nonfinite_skips`` updates in a row were skipped, or every
+            update of the run was.
+        """
+        if resume and overwrite:
+            raise ConfigError(
+                "--resume continues the workdir's run and --overwrite archives it: pick one"
+            )
+        mode = (
+            WorkdirMode.RESUME
+            if resume
+            else WorkdirMode.OVERWRITE
+            if overwrite
+            else WorkdirMode.FRESH
+        )
+        claim = self._claim_workdir(mode, allow_changes)
+        shutdown = install_sigterm_handler(self._save_now, signals=(signal.SIGTERM, signal.SIGINT))
+        try:
+            return self._train(resume, shutdown)
+        finally:
+            shutdown.uninstall()
+            claim.release()
+
+    def _claim_workdir(self, mode: WorkdirMode, allow_changes) -> Claim:
+        """Process 0 claims the workdir (it is shared); every process gets the verdict."""
+        claim, verdict = Claim(None), None
+        if parallel.is_main_process():
+            try:
+                claim = claim_workdir(
+                    self.run.workdir, self.run.settings, mode, allow_changes=allow_changes
+                )
+            except WorkdirError as e:
+                verdict = str(e)
+        verdict = next((v for v in parallel.allgather_objects(verdict) if v), None)
+        if verdict:
+            raise WorkdirError(verdict)
+        if claim.archived_to:
+            logger.warning("--overwrite: moved the earlier run to %s", claim.archived_to)
+        if claim.accepted_changes:
+            logger.warning(
+                "resuming with changed settings: %s",
+                "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in claim.accepted_changes.items()),
+            )
+        # A checkpointer opened read-only before the claim (restore, inspection) is reopened
+        # writable: from here on this run owns the workdir.
+        if self._checkpointer is not None and self._checkpointer.read_only:
+            self._checkpointer.close()
+            self._checkpointer = None
+        self._claimed = True
+        return claim
+
+    def _train(self, resume: bool, shutdown: ShutdownRequest) -> dict[str, Any]:
         s = self.run.settings
         latest = self.checkpointer.latest_step() if resume else None
         last_eval: dict[str, Any] = {}
         evaluated_at = None
-        if latest is None:
-            self.state = self.warm_start(self.initial_state())
-            self.checkpointer.save(0, self.state.checkpoint_items(), force=True)
-            last_eval, evaluated_at = self.evaluate(self.state, 0), 0
-        else:
-            self.state = self.restore(latest)
-        shutdown = install_sigterm_handler(self._save_now)
-        progress = ProgressBar(s.train.steps, initial=self.step, postfix_keys=("reward/mean", "em"))
+        progress = None
         try:
+            if latest is None:
+                self.state = self.warm_start(self.initial_state(), stop=shutdown)
+                self.checkpointer.save(0, self.state.checkpoint_items(), force=True)
+                # Awaited: checkpoint 0 is complete before anything else can be interrupted.
+                self.checkpointer.wait()
+                shutdown.check()
+                last_eval, evaluated_at = self.evaluate(self.state, 0), 0
+                shutdown.check()
+            else:
+                self.state = self._restore_newest_intact()
+            progress = ProgressBar(
+                s.train.steps, initial=self.step, postfix_keys=("reward/mean", "em")
+            )
             for step in range(self.step + 1, s.train.steps + 1):
                 self.state, metrics = self.train_step(self.state, step)
                 self.writer.write(step, metrics)
@@ -509,6 +658,7 @@ class Trainer:
                         metrics.get("em", float("nan")),
                         metrics.get("rollout/tool_calls_per_chain", float("nan")),
                     )
+                self._check_nonfinite(step)
                 if s.eval.every and step % s.eval.every == 0:
                     last_eval, evaluated_at = self.evaluate(self.state, step), step
                 self.checkpointer.save(step, self.state.checkpoint_items())
@@ -519,14 +669,46 @@ class Trainer:
             self.checkpointer.wait()
             if s.checkpoint.export_hf:
                 self.export(os.path.join(self.run.workdir, "hf_export"))
+            self._report_skips()
         finally:
-            progress.close()
-            shutdown.uninstall()
+            if progress is not None:
+                progress.close()
             self.writer.close()
             self.checkpointer.close()
         if s.logging.plot:
             self.writer.plot(keys=("reward/mean", "em", "eval/em", "update/entropy"))
         return last_eval
+
+    def _check_nonfinite(self, step: int) -> None:
+        """Stops the run once ``train.max_nonfinite_skips`` updates in a row were skipped."""
+        limit = self.run.settings.train.max_nonfinite_skips
+        in_a_row = int(consecutive_nonfinite_skips(self.state.opt_state))
+        if limit and in_a_row >= limit:
+            raise NonFiniteError(
+                f"step {step}: the last {in_a_row} optimizer updates were skipped because the "
+                f"loss or gradients were NaN or Inf (train.max_nonfinite_skips={limit}). Likely "
+                "causes: a learning rate too high for this model (optim.learning_rate), overflow "
+                "in reduced-precision compute (try model.dtype=float32), token ids outside the "
+                "model's vocabulary, or damaged weights. The weights are those of the last "
+                "applied update; checkpoints up to the previous step are intact. Set "
+                "train.max_nonfinite_skips=0 to only count skipped updates"
+            )
+
+    def _report_skips(self) -> None:
+        skipped = int(nonfinite_skips(self.state.opt_state))
+        if not skipped:
+            return
+        applied = int(applied_updates(self.state.opt_state))
+        if applied == 0:
+            raise NonFiniteError(
+                f"every optimizer update of the run ({skipped}) was skipped for non-finite "
+                "losses or gradients: the policy did not train (see train.max_nonfinite_skips)"
+            )
+        logger.warning(
+            "%d of %d optimizer updates were skipped for non-finite losses or gradients",
+            skipped,
+            skipped + applied,
+        )
 
     def export(self, path: str) -> None:
         """The policy as a Hugging Face checkpoint, written by process 0 (the parameters are
@@ -544,3 +726,7 @@ class Trainer:
             self.checkpointer.save(self.step, self.state.checkpoint_items(), force=True)
             self.checkpointer.wait()
         self.writer.close()
+        if self.state is None:
+            logger.warning("stopped during the warm start: nothing saved; --resume runs it again")
+        else:
+            logger.warning("stopped after step %d (saved); continue with --resume", self.step)
