@@ -45,6 +45,20 @@ def unknown_override_message(error: BaseException, argv: list[str]) -> str:
 
 
 def fail(kind: str, error: BaseException, code: int = 2) -> None:
-    """Prints ``<kind>: <error>`` as one line on stderr and exits with ``code``."""
+    """Prints ``<kind>: <error>`` as one line on stderr and exits with ``code``.
+
+    A failed orbax/tensorstore read leaves callbacks for its asyncio loop that fire when the
+    interpreter shuts the loop down ("RuntimeError: Event loop is closed", one traceback each):
+    noise after an error already reported, so they are dropped on this way out.
+    """
     print(f"{kind}: {error}", file=sys.stderr)
+    default_hook = sys.unraisablehook
+
+    def quiet(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        default_hook(unraisable)
+
+    sys.unraisablehook = quiet
     sys.exit(code)

@@ -429,6 +429,9 @@ class Checkpointer:
 
     def item_names(self, step: int) -> list[str]:
         """The item names (top-level ``state`` keys) stored for ``step``."""
+        return [name for name in self._stored_items(step) if name != CHECKSUM_ITEM]
+
+    def _stored_items(self, step: int) -> list[str]:
         step_dir = os.path.join(self.directory, str(step))
         return sorted(
             name
@@ -481,7 +484,7 @@ class Checkpointer:
                 f"it has {available}"
             )
         items = {name: _restore_arg(v) for name, v in target.items()}
-        has_record = CHECKSUM_ITEM in available
+        has_record = CHECKSUM_ITEM in self._stored_items(step)
         if has_record:
             items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
         error = None

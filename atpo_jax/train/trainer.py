@@ -673,8 +673,10 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-            self.writer.close()
-            self.checkpointer.close()
+            if self._writer is not None:
+                self._writer.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
         if s.logging.plot:
             self.writer.plot(keys=("reward/mean", "em", "eval/em", "update/entropy"))
         return last_eval
@@ -725,7 +727,8 @@ class Trainer:
         if self.state is not None:
             self.checkpointer.save(self.step, self.state.checkpoint_items(), force=True)
             self.checkpointer.wait()
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
         if self.state is None:
             logger.warning("stopped during the warm start: nothing saved; --resume runs it again")
         else:

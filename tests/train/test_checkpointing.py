@@ -411,3 +411,122 @@ def test_restore_onto_a_different_mesh_and_one_device(tmp_path):
     assert result["resharded_spec"] == ["fsdp", "tensor"]  # fsdp has size 1 on this mesh
     assert result["table_spec"] == [None, "tensor"]
     assert result["single_devices"] == [5]
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.linspace(-3, 3, 35, dtype=np.float32).reshape(5, 7),
+        np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4).astype(jnp.bfloat16),
+        np.arange(-6, 6, dtype=np.int32).reshape(3, 4),
+        np.array([True, False, True]),
+        np.array(2.5, np.float32),
+    ],
+    ids=["f32", "bf16", "int32", "bool", "scalar"],
+)
+def test_checksum_is_the_weighted_sum_of_the_bits(array):
+    # Hand formula: sum_i bits(x_i) * (2 i + 1) mod 2^32, i the row-major position.
+    flat = np.asarray(array).reshape(-1)
+    width = {1: np.uint8, 2: np.uint16, 4: np.uint32}[flat.dtype.itemsize]
+    bits = flat.astype(np.uint8) if flat.dtype == np.bool_ else flat.view(width)
+    want = sum(int(b) * (2 * i + 1) for i, b in enumerate(bits)) % 2**32
+    assert C.numpy_checksum(np.asarray(array)) == want
+    assert int(C._weighted_sum(jnp.asarray(array))) == want
+    assert int(jax.jit(C._weighted_sum)(jnp.asarray(array))) == want
+
+
+def test_checksum_sees_one_changed_element_and_a_swap():
+    x = np.asarray(jax.random.normal(jax.random.key(0), (64, 32)), np.float32)
+    base = C.numpy_checksum(x)
+    flipped = x.copy()
+    flipped.view(np.uint32)[17, 3] ^= 1  # one bit of one weight
+    swapped = x.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert C.numpy_checksum(flipped) != base
+    assert C.numpy_checksum(swapped) != base
+
+
+def _garble(path, offset: int | None = None) -> None:
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    start = len(data) // 2 if offset is None else offset
+    for i in range(start, min(start + 16, len(data))):
+        data[i] ^= 0x5A
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+def _largest_file(directory) -> str:
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.fixture
+def two_steps(tmp_path):
+    state = _train_state(3)
+    with C.Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    return tmp_path, state
+
+
+@pytest.mark.parametrize("damage", ["params_data", "params_manifest", "params_metadata"])
+def test_damaged_files_are_an_error_naming_the_step(two_steps, damage):
+    directory, state = two_steps
+    params = directory / "2" / "params"
+    if damage == "params_data":
+        _garble(_largest_file(params / "d"))
+    elif damage == "params_manifest":
+        _garble(params / "manifest.ocdbt", offset=0)
+    else:
+        _garble(params / "_METADATA", offset=0)
+    ckpt = C.Checkpointer(directory, read_only=True)
+    with pytest.raises(C.CheckpointError, match=r"checkpoint step 2 in .* cannot be read") as err:
+        ckpt.restore(2, target=_zeros_like_state(state))
+    assert err.value.step == 2
+    # The step before is untouched and restores exactly.
+    _assert_bitwise_equal(ckpt.restore(1, target=_zeros_like_state(state)), state)
+
+
+def test_values_that_differ_from_the_saved_ones_fail_verification(two_steps, monkeypatch):
+    # Damage the storage layer cannot see (its own checks pass): one weight's bits change.
+    directory, state = two_steps
+    ckpt = C.Checkpointer(directory, read_only=True)
+    read = ckpt._manager.restore
+
+    def tampered(step, args):
+        out = dict(read(step, args=args))
+        params = out["params"]
+        kernel = params["lm_head"]["kernel"]
+        kernel[...] = kernel[...].at[0, 0].add(1.0)
+        return out
+
+    monkeypatch.setattr(ckpt._manager, "restore", tampered)
+    with pytest.raises(C.CheckpointError, match=r"step 2: params.*lm_head.*kernel.* differs"):
+        ckpt.restore(2, target=_zeros_like_state(state))
+
+
+def test_a_checkpoint_without_an_integrity_record_restores_with_a_warning(two_steps, caplog):
+    directory, state = two_steps
+    import shutil
+
+    shutil.rmtree(directory / "2" / C.CHECKSUM_ITEM)  # as saved before integrity records
+    ckpt = C.Checkpointer(directory, read_only=True)
+    with caplog.at_level("WARNING", logger=C.__name__):
+        restored = ckpt.restore(2, target=_zeros_like_state(state))
+    _assert_bitwise_equal(restored, state)
+    assert "no integrity record" in caplog.text
+
+
+def test_quarantine_moves_a_step_aside(two_steps):
+    directory, _ = two_steps
+    ckpt = C.Checkpointer(directory, save_every=1)
+    moved = ckpt.quarantine(2)
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert os.path.dirname(moved) == f"{directory}_damaged"
+    assert "params" in os.listdir(moved)
+    ckpt.close()
