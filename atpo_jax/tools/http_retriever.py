@@ -10,6 +10,11 @@ dispatcher thread waits up to ``batch_wait_s`` for more, then sends everything q
 (duplicates sent once, at most ``max_batch_size`` queries) as one request, on up to ``max_in_flight``
 concurrent connections. The server therefore sees a few large batches instead of 32 single-query requests,
 which is what dense retrievers are fast at.
+
+Errors: timeouts, connection errors, 5xx and 429 are retried with backoff (the retrieval server answers 503
+when it is busy). Other 4xx are not: they raise :class:`~atpo_jax.tools.base.RetrievalError` with the
+server's message at once. A 413 or 422 (the request broke a server limit, e.g. a query over
+``--max-query-chars``) for a batch of several calls is resent call by call, so only the offending call fails.
 """
 
 from __future__ import annotations
@@ -73,6 +78,35 @@ class RetryPolicy:
 
 class _RetryableError(Exception):
     pass
+
+
+class _RejectedError(RetrievalError):
+    """The server refused the request itself (HTTP 4xx other than 429): retrying cannot help."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+# Rejections caused by what was asked (a server limit, e.g. an over-long query), not by the URL: when a
+# batch of several calls gets one, each call is resent alone so only the offending one fails.
+_PER_REQUEST_REJECTIONS = (413, 422)
+
+
+def _rejection_message(url: str, response: httpx.Response) -> str:
+    detail: object = response.text[:300]
+    with contextlib.suppress(ValueError, AttributeError):
+        detail = response.json().get("detail", detail)  # our server's {"detail": "..."}
+    if response.status_code in (404, 405):
+        hint = "check the retriever url (it should end in /retrieve)"
+    elif response.status_code in _PER_REQUEST_REJECTIONS:
+        hint = "the request breaks a server limit or the protocol; the detail says which"
+    else:
+        hint = "check the retriever url and the server's log"
+    return (
+        f"retrieval service at {url} rejected the request with HTTP {response.status_code}: "
+        f"{str(detail)[:300]!r}; {hint}"
+    )
 
 
 @dataclasses.dataclass(eq=False)  # identity hashing: pending calls live in a set
@@ -285,6 +319,14 @@ class HttpRetriever:
             by_query = dict(
                 zip(unique, self._post_with_retries(unique, batch[0].topk), strict=True)
             )
+        except _RejectedError as e:
+            if len(batch) > 1 and e.status_code in _PER_REQUEST_REJECTIONS:
+                for item in batch:
+                    self._send_batch([item])
+                return
+            for item in batch:
+                _fail(item, e)
+            return
         except RetrievalError as e:
             for item in batch:
                 _fail(item, e)
@@ -337,10 +379,7 @@ class HttpRetriever:
             raise _RetryableError(f"HTTP {response.status_code}: {response.text[:200]!r}")
         if response.status_code != 200:
             # A 4xx will not get better by retrying: the request or the URL is wrong.
-            raise RetrievalError(
-                f"retrieval service at {self.url} rejected the request with HTTP "
-                f"{response.status_code}: {response.text[:300]!r}; check the retriever url"
-            )
+            raise _RejectedError(_rejection_message(self.url, response), response.status_code)
         try:
             return parse_retrieve_response(json.loads(response.content), num_queries)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
