@@ -34,8 +34,13 @@ from atpo_jax.train.trainer import Trainer
 from tests.train import runs
 
 PACKAGE = str(pathlib.Path(atpo_jax.__file__).parent) + os.sep
-# The conversion and the shared helpers read every field by construction.
-NOT_CONSUMERS = {PACKAGE + "config.py", PACKAGE + "settings.py"}
+# The conversion, the shared helpers and the run manifest (``train/workdir.py`` records every
+# setting in run.json) read every field by construction.
+NOT_CONSUMERS = {
+    PACKAGE + "config.py",
+    PACKAGE + "settings.py",
+    PACKAGE + os.path.join("train", "workdir.py"),
+}
 
 
 def settings_classes(cls: type = RunSettings, path: str = "") -> dict[str, tuple[type, str]]:
