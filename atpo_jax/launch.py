@@ -16,6 +16,7 @@ run is single-process.
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -80,6 +81,10 @@ def main(argv: list[str]) -> None:
     except ConfigError as e:
         fail("configuration error", e)
     workdir = _WORKDIR.value or default_workdir(settings)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        fail("configuration error", f"cannot create --workdir={workdir}: {e.strerror or e}")
     try:
         parallel.initialize(
             {
