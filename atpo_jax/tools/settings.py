@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
-from atpo_jax.settings import ConfigError, check
+from atpo_jax.settings import ConfigError, check, coerce_choices
 from atpo_jax.tools.bm25 import LocalBM25Retriever
 from atpo_jax.tools.corpus import CorpusError
 from atpo_jax.tools.http_retriever import HttpRetriever, RetryPolicy
-from atpo_jax.tools.python_sandbox import PythonSandboxConfig, PythonTool
+from atpo_jax.tools.python_sandbox import (
+    Isolation,
+    PythonSandboxConfig,
+    PythonTool,
+    SandboxUnavailableError,
+)
 from atpo_jax.tools.search import SearchTool
 from atpo_jax.tools.toolbox import Toolbox
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +37,10 @@ class ToolSettings:
       retries: HTTP attempts per request (>= 1), with exponential backoff between them.
       cache_path: an on-disk record/replay cache of HTTP answers ("" = none).
       python: enable the sandboxed python tool (``<python>...</python>``).
+      python_isolation: how the python tool contains model code: ``auto`` (bwrap if it can give
+        every guarantee, else unshare; refuses to start where neither works), ``bwrap``, ``unshare``,
+        or ``unsafe`` (resource limits and an audit hook only, not a security boundary; must be
+        chosen explicitly). docs/security.md.
     """
 
     corpus: str = ""
@@ -39,8 +51,10 @@ class ToolSettings:
     retries: int = 4
     cache_path: str = ""
     python: bool = False
+    python_isolation: Isolation = Isolation.AUTO
 
     def __post_init__(self) -> None:
+        coerce_choices(self, "tools")
         check(self.topk >= 1, f"tools.topk={self.topk} must be >= 1")
         check(self.max_passage_chars >= 1, "tools.max_passage_chars must be >= 1")
         check(
@@ -87,8 +101,22 @@ def build_toolbox(
             raise ConfigError(f"tools.corpus={corpus!r}: {e}") from e
     tools = [SearchTool(retriever, topk=settings.topk, max_chars=settings.max_passage_chars)]
     if settings.python:
-        tools.append(PythonTool(PythonSandboxConfig(enabled=True)))
+        tools.append(_python_tool(settings))
+    elif settings.python_isolation is not Isolation.AUTO:
+        log.warning(
+            "tools.python_isolation=%s has no effect: the python tool is off (tools.python=false)",
+            settings.python_isolation,
+        )
     return Toolbox(tools, max_workers=max_workers)
+
+
+def _python_tool(settings: ToolSettings) -> PythonTool:
+    """The python tool at ``tools.python_isolation``; refuses (``ConfigError``) where that level is
+    unavailable, so a run never silently executes model code without the isolation it asked for."""
+    try:
+        return PythonTool(PythonSandboxConfig(enabled=True, isolation=settings.python_isolation))
+    except SandboxUnavailableError as e:
+        raise ConfigError(f"tools.python_isolation={str(settings.python_isolation)!r}: {e}") from e
 
 
 def check_retriever(toolbox: Toolbox, settings: ToolSettings) -> None:

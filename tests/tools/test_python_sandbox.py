@@ -1,6 +1,12 @@
-"""The python tool: every runaway case is stopped or contained and reported; the parent is unaffected."""
+"""The python tool: every runaway case is stopped or contained and reported; the parent is unaffected.
+
+Every test that takes the ``tool`` fixture runs twice: at the unsafe level (limits and the audit hook)
+and at the isolated level ``auto`` picks on this machine (skipped, saying why, where there is none).
+tests/tools/test_sandbox_isolation.py checks what only the isolated levels contain.
+"""
 
 import concurrent.futures
+import dataclasses
 import os
 import resource
 import signal
@@ -9,16 +15,37 @@ import time
 import pytest
 
 from atpo_jax.tools import PythonSandboxConfig, PythonTool, Toolbox
-from atpo_jax.tools.python_sandbox import TRUNCATION_MARK, strip_code_fence
+from atpo_jax.tools.python_sandbox import (
+    TRUNCATION_MARK,
+    Isolation,
+    SandboxUnavailableError,
+    resolve_isolation,
+    strip_code_fence,
+)
 
 CONFIG = PythonSandboxConfig(
-    enabled=True, timeout_s=3, cpu_seconds=1, memory_mb=256, max_file_mb=1, max_output_chars=300
+    enabled=True,
+    timeout_s=3,
+    cpu_seconds=1,
+    memory_mb=256,
+    max_file_mb=1,
+    max_output_chars=300,
+    isolation=Isolation.UNSAFE,
 )
 
 
-@pytest.fixture(scope="module")
-def tool():
-    return PythonTool(CONFIG)
+def isolated_level() -> Isolation:
+    """The OS isolation level ``auto`` resolves to here; skips the test where there is none."""
+    try:
+        return resolve_isolation(dataclasses.replace(CONFIG, isolation=Isolation.AUTO))
+    except SandboxUnavailableError as e:
+        pytest.skip(f"no OS isolation mechanism on this machine: {e}")
+
+
+@pytest.fixture(scope="module", params=["unsafe", "isolated"])
+def tool(request):
+    level = Isolation.UNSAFE if request.param == "unsafe" else isolated_level()
+    return PythonTool(dataclasses.replace(CONFIG, isolation=level))
 
 
 def _limits():
@@ -63,8 +90,8 @@ def test_infinite_loop_hits_the_cpu_limit(tool):
     assert time.monotonic() - start < CONFIG.timeout_s
 
 
-def test_sleeping_code_hits_the_wall_clock_timeout():
-    tool = PythonTool(PythonSandboxConfig(enabled=True, timeout_s=0.5))
+def test_sleeping_code_hits_the_wall_clock_timeout(tool):
+    tool = PythonTool(dataclasses.replace(tool.config, timeout_s=0.5))
     start = time.monotonic()
     result = tool.run("import time\nprint('started', flush=True)\ntime.sleep(60)")
     assert result.status == "timeout"
@@ -117,6 +144,10 @@ def test_writes_outside_the_sandbox_are_blocked(tool, tmp_path):
         f"import os\nos.rename({str(tmp_path)!r}, 'moved')",
     ):
         result = tool.run(code)
+        if tool.isolation is not Isolation.UNSAFE and "rmtree" in code:
+            # tmp_path does not exist in the sandbox's filesystem: rmtree's first lstat fails
+            assert result.status == "error" and "FileNotFoundError" in result.text, code
+            continue
         assert result.status == "blocked", code
         assert "SandboxViolation" in result.text
     assert not target.exists() and tmp_path.exists()
@@ -177,6 +208,21 @@ def test_strip_code_fence():
 def test_bad_config_values():
     with pytest.raises(ValueError, match="timeout_s"):
         PythonSandboxConfig(timeout_s=0)
+    with pytest.raises(ValueError, match="PythonSandboxConfig.isolation='docker' is not one of"):
+        PythonSandboxConfig(isolation="docker")
+    with pytest.raises(ValueError, match="max_processes"):
+        PythonSandboxConfig(max_processes=0)
+    with pytest.raises(ValueError, match="disk_mb"):
+        PythonSandboxConfig(disk_mb=0)
+    with pytest.raises(ValueError, match="must be an absolute path"):
+        PythonSandboxConfig(read_only_paths=("data",))
+    with pytest.raises(ValueError, match="which the sandbox provides itself"):
+        PythonSandboxConfig(read_only_paths=("/proc/1",))
+    with pytest.raises(ValueError, match="contains the temporary directory"):
+        PythonSandboxConfig(read_only_paths=("/",))
+    with pytest.raises(ValueError, match="audit_hook=False needs an isolated level"):
+        PythonSandboxConfig(isolation="unsafe", audit_hook=False)
+    assert PythonSandboxConfig(isolation="unshare").isolation is Isolation.UNSHARE
 
 
 def test_killed_by_a_signal(tool):
