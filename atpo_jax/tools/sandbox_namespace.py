@@ -46,6 +46,7 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -372,6 +373,9 @@ def _drop_privileges(*, runs_as_nobody: bool) -> None:
     else:
         _clear_capabilities()
     _prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries and file capabilities grant nothing
+    # Changing uid made the process non-dumpable, which hands its /proc/self files to root: the code
+    # could not list /proc/self/fd or read /proc/self/environ. Only its own processes share its uid.
+    _prctl(PR_SET_DUMPABLE, 1)
 
 
 def _clear_capabilities() -> None:
