@@ -369,7 +369,8 @@ def _spawn_and_report(cfg: PythonSandboxConfig, level: Isolation, files: _CallFi
                     close_fds=True,
                     pass_fds=(status_fd,) if isolated else (),
                 )
-            except OSError as e:
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                # a missing interpreter, or (isolated levels) one that cannot report its paths
                 return ToolResult(
                     ok=False,
                     text="",

@@ -347,8 +347,9 @@ def _lock_down_namespace() -> None:
     neutral host name."""
     with open("/proc/sys/user/max_user_namespaces", "w") as f:
         f.write("0")
-    with open("/proc/sys/kernel/hostname", "w") as f:  # this uts namespace's host name
-        f.write("sandbox")
+    # sethostname(2), not /proc/sys/kernel/hostname: that file belongs to the host's root, which an
+    # unprivileged trainer's user namespace does not map.
+    _check(_libc.sethostname(b"sandbox", len(b"sandbox")), "sethostname")
 
 
 def _nobody_is_mapped() -> bool:
