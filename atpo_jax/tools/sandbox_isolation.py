@@ -30,7 +30,7 @@ class Isolation(StrEnum):
     AUTO = (
         "auto"  # bwrap when it can give every guarantee, else unshare; refuses when neither works
     )
-    BWRAP = "bwrap"  # bubblewrap >= 0.10 (for --size), run by a non-root user
+    BWRAP = "bwrap"  # bubblewrap >= 0.8 (for --size), run by a non-root user
     UNSHARE = "unshare"  # user namespaces through the kernel directly (Linux, nothing to install)
     UNSAFE = "unsafe"  # no OS isolation: rlimits and an audit hook only
 
@@ -135,7 +135,7 @@ def bwrap_problem() -> str | None:
         return f"bubblewrap needs Linux (this is {sys.platform})"
     path = shutil.which("bwrap")
     if path is None:
-        return "bwrap is not installed (apt-get install bubblewrap; version 0.10 or newer)"
+        return "bwrap is not installed (apt-get install bubblewrap; version 0.8 or newer)"
     if os.geteuid() == 0:
         # bwrap maps the sandbox's uid to the caller's: for root that is host uid 0, which the kernel
         # exempts from RLIMIT_NPROC and which owns most files. The unshare level maps uid 65534.
@@ -146,7 +146,7 @@ def bwrap_problem() -> str | None:
         return f"{path} --help failed: {e}"
     missing = [flag for flag in _BWRAP_NEEDS if not re.search(rf"^\s*{flag}\b", usage, re.M)]
     if missing:
-        return f"{path} lacks {', '.join(missing)} (needs bubblewrap 0.10 or newer)"
+        return f"{path} lacks {', '.join(missing)} (needs bubblewrap 0.8 or newer)"
     return None
 
 
@@ -228,7 +228,7 @@ def refusal_message(requested: Isolation, reasons: dict[Isolation, str]) -> str:
         f"isolation that this machine does not provide ({details}). Fix: allow unprivileged user "
         "namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1 on "
         "Debian/Ubuntu kernels that have it, a container seccomp/AppArmor profile that permits "
-        "unshare/clone with CLONE_NEWUSER), or install bubblewrap >= 0.10 and run as a non-root user; "
+        "unshare/clone with CLONE_NEWUSER), or install bubblewrap >= 0.8 and run as a non-root user; "
         "or set isolation='unsafe' (tools.python_isolation=unsafe) to run model code with only "
         "resource limits and an audit hook, which is not a security boundary (docs/security.md)."
     )
