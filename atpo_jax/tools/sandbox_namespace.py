@@ -155,13 +155,15 @@ def _unshare_and_map(config: dict) -> tuple[int, int]:
         # RLIMIT_NPROC to host uid 0, and root-owned files stay unreadable. Only a process outside
         # the new user namespace may write such a map, so a child that stays outside writes it.
         ready_read, ready_write = os.pipe()
+        helper = os.getpid()
         writer = os.fork()
         if writer == 0:
             os.close(ready_write)
-            os.read(ready_read, 1)
+            if os.read(ready_read, 1) != b"x":  # the helper failed (and exited) before unsharing
+                os._exit(1)
             code = 0
             try:
-                _write_maps(os.getppid(), f"0 0 1\n{NOBODY} {NOBODY} 1\n", deny_setgroups=False)
+                _write_maps(helper, f"0 0 1\n{NOBODY} {NOBODY} 1\n", deny_setgroups=False)
             except OSError as e:
                 sys.stderr.write(f"[sandbox] setup failed: uid map: {e}\n")
                 code = 1
@@ -204,9 +206,8 @@ def _fail(error: BaseException) -> None:
 def _become_init(config: dict, alive_read: int) -> None:
     """Pid 1: builds the root, forks the code process and reports its exit status."""
     try:
-        _prctl(
-            PR_SET_PDEATHSIG, signal.SIGKILL
-        )  # the helper killed (timeout) -> so are we, and all
+        # The helper killed (the trainer's timeout) -> so is pid 1, and with it the whole namespace.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if _helper_gone(alive_read):  # it died before PDEATHSIG was armed
             os._exit(SETUP_FAILED)
         # Pid 1 ignores signals without a handler when they come from inside the namespace; Python's

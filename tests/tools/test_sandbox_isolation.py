@@ -196,6 +196,17 @@ def test_a_setsid_daemon_dies_with_the_call(sandbox):
     assert host_processes_with(marker) == []
 
 
+def test_a_timeout_kills_every_process_of_the_call(sandbox):
+    marker = token()
+    code = DAEMON.format(marker=marker) + "print('waiting', flush=True)\ntime.sleep(60)\n"
+    result = sandbox(timeout_s=2).run(COUNT_INSIDE + code)
+    assert result.status == "timeout" and result.text.startswith("1\nwaiting")
+    deadline = time.monotonic() + 2  # the helper is killed; pid 1 follows it within moments
+    while host_processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host_processes_with(marker) == []
+
+
 def test_a_setsid_daemon_escapes_the_unsafe_level():
     """Why the isolated levels exist, and proof that ``host_processes_with`` sees an escape."""
     marker = token()
