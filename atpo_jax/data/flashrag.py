@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from atpo_jax.data.prompts import PROMPT_STYLES, build_messages, normalize_question
-from atpo_jax.data.rows import DatasetError, QARow, write_rows
+from atpo_jax.data.rows import DatasetError, QARow, gold_problem, read_text_lines, write_rows
 
 
 def _record_problem(record: Any) -> str | None:
@@ -28,10 +28,11 @@ def _record_problem(record: Any) -> str | None:
         return "missing non-empty string 'question'"
     golds = record.get("golden_answers")
     if isinstance(golds, str):
-        return None
+        golds = [golds]
     if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
         return "'golden_answers' must be a non-empty list of strings"
-    return None
+    problem = gold_problem(golds)
+    return f"'golden_answers' {problem}" if problem else None
 
 
 def convert_flashrag_records(
@@ -68,20 +69,19 @@ def read_flashrag_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise DatasetError(f"FlashRAG file {path!r} does not exist")
     records, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path} line {lineno}: not valid JSON ({e})")
-                continue
-            problem = _record_problem(record)
-            if problem:
-                problems.append(f"{path} line {lineno}: {problem}")
-            else:
-                records.append(record)
+    for lineno, line in read_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path} line {lineno}: not valid JSON ({e})")
+            continue
+        problem = _record_problem(record)
+        if problem:
+            problems.append(f"{path} line {lineno}: {problem}")
+        else:
+            records.append(record)
     if problems:
         shown = "\n  ".join(problems[:10])
         raise DatasetError(f"{len(problems)} malformed FlashRAG record(s):\n  {shown}")

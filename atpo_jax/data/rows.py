@@ -9,7 +9,9 @@ A row (ALGORITHM.md §7)::
      "extra_info": {"split": "train", "index": 0, ...}}
 
 Other columns (the reference keeps FlashRAG's ``id``, ``question``, ``golden_answers``, ...) are ignored.
-A malformed row is an error naming the file and row number; rows are never skipped silently.
+A malformed row is an error naming the file and row number; rows are never skipped silently. So is
+a gold answer with no word in it (blank, or only punctuation: only an empty ``\\boxed{}`` could match
+it), a line that is not UTF-8, and a file without rows.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from atpo_jax.rewards.normalize import comparable_answer
 
 REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model")
 _MAX_REPORTED = 10
@@ -84,9 +88,22 @@ def _row_problem(record: Any) -> str | None:
         return f"reward_model.ground_truth.target must be a non-empty list of strings, got {target!r:.80}"
     if not all(isinstance(t, str) for t in target):
         return f"reward_model.ground_truth.target has a non-string entry: {target!r:.80}"
+    problem = gold_problem(target)
+    if problem:
+        return f"reward_model.ground_truth.target {problem}"
     extra = record.get("extra_info")
     if extra is not None and not isinstance(extra, dict):
         return "extra_info must be an object"
+    return None
+
+
+def gold_problem(golds: Sequence[str]) -> str | None:
+    """Why these gold answers cannot be scored, or None: a gold with no word left after the
+    reward's normalisation (blank, or only punctuation) would make an empty ``\\boxed{}`` the
+    only possible match, so it is an error in the data rather than a question nobody can answer."""
+    for i, gold in enumerate(golds):
+        if not comparable_answer(gold):
+            return f"entry {i} ({gold!r:.40}) is empty: every gold answer needs a word"
     return None
 
 
@@ -153,20 +170,41 @@ def read_rows(path: str | os.PathLike[str]) -> list[QARow]:
         wanted = [
             c for c in (*REQUIRED_COLUMNS, "ability", "extra_info") if c in table.column_names
         ]
-        return rows_from_records(table.select(wanted).to_pylist(), path)
+        return _non_empty(rows_from_records(table.select(wanted).to_pylist(), path), path)
     if path.endswith(".jsonl"):
         records, locations = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path} line {lineno}: not valid JSON ({e})") from None
-                locations.append(f"line {lineno}")
-        return rows_from_records(records, path, locations=locations)
+        for lineno, line in read_text_lines(path, DatasetError):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path} line {lineno}: not valid JSON ({e})") from None
+            locations.append(f"line {lineno}")
+        return _non_empty(rows_from_records(records, path, locations=locations), path)
     raise DatasetError(f"{path}: unsupported dataset file type; use .parquet or .jsonl")
+
+
+def _non_empty(rows: list[QARow], path: str) -> list[QARow]:
+    # An empty file would only fail later, as a division by zero in the first training step.
+    if not rows:
+        raise DatasetError(f"{path} has no rows: a dataset file needs at least one question")
+    return rows
+
+
+def read_text_lines(path: str, error: type[ValueError] = DatasetError) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` for each line of a UTF-8 file (a BOM on line 1 is dropped); a line
+    that is not UTF-8 raises ``error`` naming the file, line and byte instead of a bare
+    ``UnicodeDecodeError``."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise error(
+                    f"{path} line {lineno}: not UTF-8 text (byte {e.start} of the line: {e.reason}); "
+                    "re-encode the file as UTF-8"
+                ) from None
 
 
 def _records_table(records: Sequence[dict[str, Any]]) -> pa.Table:

@@ -55,7 +55,13 @@ class RandomModelSettings:
     def __post_init__(self) -> None:
         coerce_choices(self, "model.random")
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
-            check(getattr(self, name) >= 1, f"model.random.{name} must be >= 1")
+            value = getattr(self, name)
+            check(value >= 1, f"model.random.{name}={value} must be >= 1")
+        check(
+            self.head_dim % 2 == 0,
+            f"model.random.head_dim={self.head_dim} must be even (rotary embeddings turn pairs "
+            "of dimensions)",
+        )
         check(
             self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,
             f"model.random.num_kv_heads={self.num_kv_heads} must divide "

@@ -20,12 +20,13 @@ report the mean ``em``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 from atpo_jax.rewards.extract import extract_answer, extract_answer_block, last_boxed
 from atpo_jax.rewards.format import validate_format
 from atpo_jax.rewards.normalize import as_gold_list, exact_match, token_f1
-from atpo_jax.settings import StrEnum, coerce_choices
+from atpo_jax.settings import StrEnum, check, coerce_choices
 
 DEFAULT_PYTHON_BONUS = 0.1
 
@@ -54,6 +55,11 @@ class RewardSettings:
 
     def __post_init__(self) -> None:
         coerce_choices(self, "reward")
+        # NaN is truthy, so a NaN bonus would make every correct search+python answer score NaN.
+        check(
+            math.isfinite(self.python_bonus),
+            f"reward.python_bonus must be a finite number (0: off), got {self.python_bonus}",
+        )
 
     def score(
         self, response: str, golds: str | Iterable[str], *, validate: bool = False

@@ -4,6 +4,7 @@ and the engine's pool. Defaults are the paper's (ALGORITHM.md §5)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from atpo_jax.rollout.sampling import SamplingParams
 from atpo_jax.settings import StrEnum, check, coerce_choices
@@ -109,8 +110,23 @@ class RolloutSettings:
             check(
                 getattr(self, name) >= 0, f"rollout.{name} must be >= 0, got {getattr(self, name)}"
             )
-        check(self.temperature >= 0, f"rollout.temperature must be >= 0, got {self.temperature}")
+        # NaN fails every comparison, so these read "finite and in range".
+        check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"rollout.temperature must be a finite number >= 0 (0: greedy), got {self.temperature}",
+        )
+        check(
+            math.isfinite(self.expansion_penalty),
+            f"rollout.expansion_penalty must be a finite number, got {self.expansion_penalty}",
+        )
         check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        # The tree search keeps one slot for the prompt plus one per chain of a tree.
+        check(
+            self.num_slots >= 1 + self.chains_per_tree,
+            f"rollout.num_slots={self.num_slots} cannot hold one tree: it needs 1 + chains per "
+            f"tree = {1 + self.chains_per_tree} engine slots; raise rollout.num_slots to at least "
+            f"{1 + self.chains_per_tree}",
+        )
 
     @property
     def initial_chains(self) -> int:

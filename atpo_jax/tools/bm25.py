@@ -4,6 +4,11 @@ The index is built once per (corpus bytes, BM25 parameters, bm25s version) and c
 ``index_dir/<key>/``; later runs (and other processes on the same host) load it instead of re-indexing. The
 cache directory is written under a temporary name and renamed into place, so a crash or a concurrent build
 never leaves a half-written index that a later run would trust.
+
+The cache is only a cache: when the default folder next to the corpus (``<corpus>.bm25s``) cannot be
+written (a read-only dataset mount), the index is kept in memory with a warning and rebuilt by every
+process that starts. A folder passed explicitly (``index_dir``, the retrieval server's
+``--index-dir``) that cannot be written is an error naming it, since caching there was asked for.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from atpo_jax.tools.base import Passage
-from atpo_jax.tools.corpus import read_corpus
+from atpo_jax.tools.corpus import CorpusError, read_corpus
+
+logger = logging.getLogger(__name__)
 
 _IMPORT_LOCK = threading.Lock()
 
@@ -90,7 +97,7 @@ class LocalBM25Retriever:
         self.rows, corpus_sha = read_corpus(self.corpus_path)
         root = os.fspath(index_dir) if index_dir is not None else self.corpus_path + ".bm25s"
         self.index_path = os.path.join(root, self._cache_key(corpus_sha))
-        self._model = self._load_or_build(root)
+        self._model = self._load_or_build(root, explicit_dir=index_dir is not None)
         self._vocab: dict[str, int] = self._model.vocab_dict
 
     def _cache_key(self, corpus_sha: str) -> str:
@@ -109,16 +116,49 @@ class LocalBM25Retriever:
             show_progress=False,
         )
 
-    def _load_or_build(self, root: str) -> Any:
+    def _load_or_build(self, root: str, *, explicit_dir: bool) -> Any:
         if os.path.isdir(self.index_path):
             return self._bm25s.BM25.load(self.index_path, load_corpus=False, show_progress=False)
         model = self._bm25s.BM25(k1=self.params.k1, b=self.params.b, method=self.params.method)
-        tokens = self._bm25s.tokenize(
-            [row["contents"] for row in self.rows],
-            stopwords=self.params.stopwords,
-            show_progress=False,
+        model.index(self._corpus_tokens(), show_progress=False)
+        try:
+            self._save(model, root)
+        except OSError as e:
+            if explicit_dir:
+                raise CorpusError(
+                    f"BM25 index folder {root!r} cannot be written ({e.strerror or e}): pass a "
+                    "writable one (the retrieval server's --index-dir) or fix its permissions"
+                ) from e
+            logger.warning(
+                "BM25 index folder %r cannot be written (%s): the index of %s stays in memory and "
+                "is rebuilt at every start; make the folder writable, or run the retrieval server "
+                "with a writable --index-dir (and point tools.retriever_url at it)",
+                root,
+                e.strerror or e,
+                self.corpus_path,
+            )
+        return model
+
+    def _corpus_tokens(self) -> Any:
+        """The passages tokenised for indexing; a corpus with no indexable word is a
+        ``CorpusError`` (bm25s would fail on its empty vocabulary with a bare ``ValueError``)."""
+        nothing = CorpusError(
+            f"{self.corpus_path}: no passage has a word BM25 can index (all {len(self.rows)} are "
+            f"empty or only stopwords, stopwords={self.params.stopwords!r}); check the corpus"
         )
-        model.index(tokens, show_progress=False)
+        try:
+            tokens = self._bm25s.tokenize(
+                [row["contents"] for row in self.rows],
+                stopwords=self.params.stopwords,
+                show_progress=False,
+            )
+        except ValueError as e:  # max() of the empty vocabulary
+            raise nothing from e
+        if not tokens.vocab:
+            raise nothing
+        return tokens
+
+    def _save(self, model: Any, root: str) -> None:
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".building-", dir=root)
         try:
@@ -139,7 +179,6 @@ class LocalBM25Retriever:
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return model
 
     @property
     def num_documents(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 from atpo_jax.settings import ConfigError, check, coerce_choices
@@ -56,11 +57,14 @@ class ToolSettings:
     def __post_init__(self) -> None:
         coerce_choices(self, "tools")
         check(self.topk >= 1, f"tools.topk={self.topk} must be >= 1")
-        check(self.max_passage_chars >= 1, "tools.max_passage_chars must be >= 1")
         check(
-            self.timeout_s > 0 and self.retries >= 1,
+            self.max_passage_chars >= 1,
+            f"tools.max_passage_chars={self.max_passage_chars} must be >= 1",
+        )
+        check(
+            math.isfinite(self.timeout_s) and self.timeout_s > 0 and self.retries >= 1,
             f"tools.timeout_s={self.timeout_s} / tools.retries={self.retries}: the timeout must "
-            "be > 0 and tools.retries counts attempts, >= 1",
+            "be a finite number > 0 and tools.retries counts attempts, >= 1",
         )
 
     @property

@@ -21,6 +21,7 @@ applies a non-finite update, however many arrive in a row.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -86,6 +87,13 @@ class OptimizerSettings:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise bad(key, "must be a number")
+        # inf/NaN would silently give NaN parameters (or, for a NaN clip norm, no clipping).
+        for key in (
+            "learning_rate", "end_learning_rate_factor", "b1", "b2", "eps", "weight_decay",
+            "grad_clip_norm",
+        ):  # fmt: skip
+            if not math.isfinite(getattr(self, key)):
+                raise bad(key, "must be a finite number")
         for key in ("warmup_steps", "total_steps"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

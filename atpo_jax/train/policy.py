@@ -23,6 +23,7 @@ every micro-batch is itself split over the batch axes (each device works on ever
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -105,10 +106,19 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         coerce_choices(self, "loss")
+        # An inf or NaN here turns every loss and gradient non-finite (NaN fails every comparison).
+        for name in ("clip_low", "clip_high", "max_log_ratio", "dual_clip", "kl_coef"):
+            value = getattr(self, name)
+            check(math.isfinite(value), f"loss.{name} must be a finite number, got {value}")
         check(self.kl_coef >= 0, f"loss.kl_coef must be >= 0, got {self.kl_coef}")
+        check(
+            self.max_log_ratio > 0,
+            f"loss.max_log_ratio must be > 0 (the clamp of the log-ratios), got "
+            f"{self.max_log_ratio}",
+        )
         check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip must be 0 (off) or > 1")
         check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high must be >= 0")
-        check(self.log_prob_chunk >= 1, "loss.log_prob_chunk must be >= 1")
+        check(self.log_prob_chunk >= 1, f"loss.log_prob_chunk={self.log_prob_chunk} must be >= 1")
 
 
 @struct.dataclass

@@ -22,7 +22,7 @@ from atpo_jax.train.checkpointing import CheckpointSettings
 from atpo_jax.train.credit import CreditMode, CreditSettings
 from atpo_jax.train.evaluation import EvalSettings
 from atpo_jax.train.metrics import LoggingSettings
-from atpo_jax.train.optimizer import OptimizerSettings
+from atpo_jax.train.optimizer import OptimizerSettings, Schedule
 from atpo_jax.train.packing import Packing
 from atpo_jax.train.policy import LossSettings, OldLogProbs, check_micro_batches
 from atpo_jax.train.sft import SFTSettings
@@ -82,7 +82,17 @@ class TrainSettings:
             f"train.log_every={self.log_every} must be >= 1 (steps between log lines)",
         )
         check(
-            self.mini_batch_prompts >= 1 and self.prompts_per_step % self.mini_batch_prompts == 0,
+            self.prompts_per_step >= 1,
+            f"train.prompts_per_step={self.prompts_per_step} must be >= 1 (questions rolled out "
+            "per RL step)",
+        )
+        check(
+            self.mini_batch_prompts >= 1,
+            f"train.mini_batch_prompts={self.mini_batch_prompts} must be >= 1 (questions per "
+            f"optimizer update) and divide train.prompts_per_step={self.prompts_per_step}",
+        )
+        check(
+            self.prompts_per_step % self.mini_batch_prompts == 0,
             f"train.mini_batch_prompts={self.mini_batch_prompts} must divide "
             f"train.prompts_per_step={self.prompts_per_step}",
         )
@@ -131,6 +141,12 @@ class RunSettings:
                 f"{r.expansion_iterations} x {r.beam_size} = {r.chains_per_tree} leaves; make them "
                 "equal (the reference asserts this too)"
             )
+        if self.train.packing == Packing.PADDED:  # rows/tree packing size by micro_batch_tokens
+            check(
+                self.train.micro_batch_rows >= 1,
+                f"train.micro_batch_rows={self.train.micro_batch_rows} must be >= 1 (rows per "
+                "micro-batch with train.packing='padded')",
+            )
         try:  # the devices' share is checked with the mesh (build_run)
             if self.train.packing == Packing.PADDED:
                 check_micro_batches(
@@ -154,6 +170,31 @@ class RunSettings:
             self.sft.steps == 0 or self.data.source == DataSource.SYNTHETIC,
             "sft.steps > 0 needs demonstrations (data.source=synthetic); set sft.steps=0",
         )
+        self._check_schedule_horizon()
+
+    def _check_schedule_horizon(self) -> None:
+        """The RL learning-rate schedule against the run's optimizer updates, here rather than
+        when the optimizer is built so that it fails before the warm start."""
+        o, t = self.optim, self.train
+        updates = t.steps * t.updates_per_step
+        counted = (
+            f"the run's {updates} optimizer updates (train.steps x train.ppo_epochs x "
+            "train.prompts_per_step / train.mini_batch_prompts)"
+        )
+        if o.schedule != Schedule.CONSTANT and not o.total_steps:
+            check(
+                updates > o.warmup_steps,
+                f"optim.schedule={str(o.schedule)!r} decays over {counted}, which must exceed "
+                f"optim.warmup_steps={o.warmup_steps}: lower optim.warmup_steps, raise "
+                "train.steps, or set optim.total_steps",
+            )
+        if o.schedule == Schedule.CONSTANT and t.steps > 0:
+            # A warm-up longer than the run never reaches optim.learning_rate.
+            check(
+                o.warmup_steps <= updates,
+                f"optim.warmup_steps={o.warmup_steps} is longer than {counted}: the learning "
+                "rate would never reach optim.learning_rate; lower optim.warmup_steps",
+            )
 
     def check_required(self) -> None:
         """Raises ``ConfigError`` naming every ``required`` setting that is empty (checked by the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,7 +79,8 @@ class SFTSettings:
       steps: supervised steps (0: no warm start).
       batch_size: demonstrations per step (from one length bucket).
       learning_rate: the peak learning rate.
-      warmup_steps: linear warm-up steps (at least 1).
+      warmup_steps: linear warm-up steps (0: none, the first step at the peak); a warm-up
+        longer than ``steps`` is cut short by the end of the warm start.
       rename_copies: extra copies of each demonstration with its entities renamed, so the model
         learns to copy names out of search results rather than memorise them.
     """
@@ -92,13 +94,18 @@ class SFTSettings:
     def __post_init__(self) -> None:
         check(self.steps >= 0, f"sft.steps={self.steps} must be >= 0")
         check(self.batch_size >= 1, f"sft.batch_size={self.batch_size} must be >= 1")
-        check(self.learning_rate > 0, f"sft.learning_rate={self.learning_rate} must be > 0")
+        check(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"sft.learning_rate={self.learning_rate} must be a finite number > 0",
+        )
         check(self.warmup_steps >= 0, f"sft.warmup_steps={self.warmup_steps} must be >= 0")
         check(self.rename_copies >= 0, f"sft.rename_copies={self.rename_copies} must be >= 0")
 
     def optimizer(self, optim: OptimizerSettings) -> OptimizerSettings:
         """The warm start's optimizer settings: ``optim`` with this learning rate and schedule."""
-        warmup = max(1, self.warmup_steps)
+        # warmup_steps=0 is no warm-up: a warm-up of 1 would make the first step's rate 0, so
+        # sft.steps=1 would train nothing.
+        warmup = self.warmup_steps
         return dataclasses.replace(
             optim,
             learning_rate=self.learning_rate,

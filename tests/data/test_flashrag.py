@@ -90,3 +90,21 @@ def test_cli(tmp_path, capsys):
         timeout=120,
     )
     assert failed.returncode == 1 and "missing.jsonl' does not exist" in failed.stderr
+
+
+@pytest.mark.parametrize("golds", [[""], ["Paris", " "], "", []])
+def test_empty_gold_answers_are_listed_with_lines(tmp_path, golds):
+    src = tmp_path / "golds.jsonl"
+    write_flashrag(
+        src,
+        [{"question": "q", "golden_answers": ["a"]}, {"question": "q", "golden_answers": golds}],
+    )
+    with pytest.raises(DatasetError, match=f"{src} line 2: 'golden_answers'"):
+        convert_flashrag(src, tmp_path / "o.jsonl", data_source="x")
+
+
+def test_non_utf8_flashrag_line(tmp_path):
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes(b'{"question": "caf\xe9?", "golden_answers": ["x"]}\n')
+    with pytest.raises(DatasetError, match=f"{src} line 1: not UTF-8 text"):
+        convert_flashrag(src, tmp_path / "o.jsonl", data_source="x")

@@ -130,3 +130,53 @@ def test_many_bad_rows_are_counted(tmp_path):
     path.write_text("".join(json.dumps({"data_source": "x"}) + "\n" for _ in range(15)))
     with pytest.raises(DatasetError, match=r"15 malformed row\(s\)[\s\S]*\.\.\. and 5 more"):
         read_rows(path)
+
+
+# --- empty files and empty gold answers (issue 20, item 8) -----------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_an_empty_file_is_a_data_error_naming_it(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    if suffix == ".parquet":  # the right columns, no rows
+        pq.write_table(pa.Table.from_pylist([reference_record(0, ["x"])]).slice(0, 0), path)
+    else:
+        path.write_text("\n  \n")  # blank lines only
+    with pytest.raises(DatasetError, match=f"{path} has no rows"):
+        read_rows(path)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [[""], ["Paris", "   "], "", ["?!"]],
+    ids=["empty", "one-blank-of-two", "empty-string", "punctuation-only"],
+)
+def test_an_empty_gold_answer_is_a_data_error_naming_the_row(tmp_path, target):
+    # Only an empty \boxed{} could match such a gold: it is a broken row, not a hard question.
+    path = tmp_path / "golds.jsonl"
+    path.write_text(
+        json.dumps(reference_record(0, ["ok"])) + "\n" + json.dumps(reference_record(1, target))
+    )
+    with pytest.raises(DatasetError) as info:
+        read_rows(path)
+    assert f"{path} line 2: reward_model.ground_truth.target entry" in str(info.value)
+    assert "is empty: every gold answer needs a word" in str(info.value)
+
+
+def test_golds_of_articles_only_are_kept(tmp_path):
+    # "A" (a letter answer) and "The The" (a band) normalise to nothing under SQuAD rules but are
+    # real answers: the reward compares them with their articles kept.
+    path = tmp_path / "articles.jsonl"
+    path.write_text(json.dumps(reference_record(0, ["A", "The The"])) + "\n")
+    assert read_rows(path)[0].golds == ["A", "The The"]
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(reference_record(0, ["ok"])).encode()
+    latin1 = json.dumps(reference_record(1, ["café"]), ensure_ascii=False).encode("latin-1")
+    path.write_bytes(good + b"\n" + latin1 + b"\n")
+    with pytest.raises(DatasetError, match=f"{path} line 2: not UTF-8 text"):
+        read_rows(path)
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # a byte-order mark is fine
+    assert read_rows(path)[0].golds == ["ok"]

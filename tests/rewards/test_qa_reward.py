@@ -217,3 +217,26 @@ def test_gold_answers_accept_strings_and_sequences():
         compute_reward(GOOD, [])
     with pytest.raises(ValueError, match="reward mode"):
         compute_reward(GOOD, ["Paris"], mode="accuracy")
+
+
+# --- empty answers never match (issue 20, item 8) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["em_format", "em", "f1"])
+@pytest.mark.parametrize(
+    ("boxed", "gold"),
+    [("", ""), ("", "   "), ("the", "A"), ("", "?!"), ("an", "The The")],
+    ids=["empty-vs-empty", "empty-vs-blank", "article-vs-letter", "empty-vs-punct", "an-vs-band"],
+)
+def test_an_empty_answer_or_gold_never_matches(mode, boxed, gold):
+    # SQuAD normalisation maps all of these to "": the reference would call them exact matches.
+    r = compute_reward(f"<think>x</think><answer>\\boxed{{{boxed}}}</answer>", [gold], mode=mode)
+    assert (r.score, r.em, r.f1) == (0.0, 0.0, 0.0)
+    assert exact_match(boxed, gold) == 0.0 and token_f1(boxed, [gold]) == 0.0
+
+
+@pytest.mark.parametrize("gold", ["A", "The The", "a"])
+def test_answers_of_articles_only_still_match_themselves(gold):
+    r = compute_reward(f"<think>x</think><answer>\\boxed{{{gold.upper()}}}</answer>", [gold])
+    assert (r.score, r.em, r.f1) == (1.0, 1.0, 1.0)
+    assert exact_match("Paris", [gold, "Paris"]) == 1.0  # other golds are unaffected

@@ -169,3 +169,96 @@ def test_topk_selection_matches_a_full_sort(tmp_path):
         brute = sorted((i for i in range(200) if scores[i] > 0), key=lambda i: (-scores[i], i))
         for k in (1, 3, 10, 500):
             assert [int(h.id) for h in retriever.search([query], k)[0]] == brute[:k]
+
+
+# --- corpus edge cases (issue 20, item 8) ------------------------------------------------------------
+
+
+def test_non_utf8_corpus_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"id": "a", "contents": "ok"}\n{"id": "b", "contents": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match=f"{path} line 2: not UTF-8 text"):
+        LocalBM25Retriever(path)
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        (['{"id": null, "contents": "x"}'], r"line 1: 'id' is null"),
+        (
+            ['{"id": "a", "contents": "x"}', '{"id": " ", "contents": "y"}'],
+            r"line 2: 'id' is empty",
+        ),
+        (['{"id": true, "contents": "x"}'], r"line 1: 'id' must be a string or an integer"),
+        (
+            ['{"id": "a", "contents": "x"}', '{"id": "b", "contents": "y"}'] * 2,
+            r"2 duplicate passage id\(s\): id 'a' on lines 1, 3; id 'b' on lines 2, 4",
+        ),
+        (  # the service returns ids as text, so 7 and "7" collide
+            ['{"id": 7, "contents": "x"}', '{"id": "7", "contents": "y"}'],
+            r"duplicate passage id\(s\): id '7' on lines 1, 2",
+        ),
+    ],
+    ids=["null", "empty", "bool", "duplicates", "int-and-string"],
+)
+def test_bad_or_duplicate_ids_name_file_and_lines(tmp_path, lines, match):
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorpusError, match=match) as info:
+        LocalBM25Retriever(path)
+    assert str(path) in str(info.value)
+
+
+def test_empty_passages_are_kept_with_one_warning(tmp_path, caplog):
+    path = tmp_path / "gaps.jsonl"
+    write_corpus([{"id": "0", "contents": ""}, *ROWS, {"id": "9", "contents": "  "}], path)
+    with caplog.at_level("WARNING", logger="atpo_jax.tools.corpus"):
+        retriever = LocalBM25Retriever(path)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "atpo_jax.tools.corpus"]
+    assert f"{path}: 2 of 5 passages have empty 'contents' (lines 1, 5)" in warning
+    assert retriever.num_documents == 5
+    assert sorted(h.id for h in retriever.search(["cherry"], 5)[0]) == ["d1", "d2"]
+
+
+def test_a_corpus_of_empty_passages_is_an_error(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    write_corpus([{"id": "0", "contents": ""}, {"id": "1", "contents": " \t"}], path)
+    with pytest.raises(CorpusError, match=f"{path}: all 2 passages have empty 'contents'"):
+        LocalBM25Retriever(path)
+
+
+def test_an_all_stopword_corpus_is_an_error(tmp_path):
+    path = tmp_path / "stopwords.jsonl"
+    write_corpus([{"id": "0", "contents": "the of and"}, {"id": "1", "contents": "is a"}], path)
+    with pytest.raises(CorpusError, match=r"no passage has a word BM25 can index.*stopwords='en'"):
+        LocalBM25Retriever(path)
+
+
+def test_an_unwritable_default_index_folder_falls_back_to_memory(corpus, caplog):
+    # A file where the folder should be stands in for a read-only mount (tests may run as root,
+    # who can write anywhere chmod allows nothing).
+    blocked = str(corpus) + ".bm25s"
+    with open(blocked, "w") as f:
+        f.write("not a folder")
+    with caplog.at_level("WARNING", logger="atpo_jax.tools.bm25"):
+        retriever = LocalBM25Retriever(corpus)
+    assert [h.id for h in retriever.search(["apple"], 3)[0]] == ["d1", "d0"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "atpo_jax.tools.bm25"]
+    assert f"BM25 index folder {blocked!r} cannot be written" in warning
+    assert "stays in memory" in warning and "--index-dir" in warning
+
+
+def test_an_unwritable_explicit_index_folder_is_an_error(corpus, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CorpusError, match=r"BM25 index folder .*file/index.* cannot be written"):
+        LocalBM25Retriever(corpus, index_dir=blocker / "index")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkdtemp", read_only)
+    with pytest.raises(
+        CorpusError, match=r"\(Permission denied\): pass a writable one .*--index-dir"
+    ):
+        LocalBM25Retriever(corpus, index_dir=tmp_path / "ro")

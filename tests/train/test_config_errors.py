@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import jax
+import jax.numpy as jnp
 import pytest
 
 from atpo_jax.builder import build_run
 from atpo_jax.config import run_settings
 from atpo_jax.data import read_rows, write_rows
 from atpo_jax.settings import ConfigError
+from atpo_jax.train.optimizer import adamw, build_schedule
 from tests.train import runs
 
 
@@ -208,3 +213,122 @@ def test_launcher_reports_a_corrupt_data_file(tiny_qwen3, tmp_path, child_env):
     assert proc.returncode == 2, proc.stderr[-4000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("configuration error: data.train_files: ") and str(garbage) in last
+
+
+# --- sizes, counts and numbers are checked with the settings (issue 20, item 7) -------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.prompts_per_step": 0}, "train.prompts_per_step=0 must be >= 1"),
+        ({"train.mini_batch_prompts": 0}, "train.mini_batch_prompts=0 must be >= 1"),
+        (
+            {"train.packing": "padded", "train.micro_batch_rows": 0},
+            "train.micro_batch_rows=0 must be >= 1 (rows per micro-batch with "
+            "train.packing='padded')",
+        ),
+        ({"rollout.decode_chunk": 0}, "rollout.decode_chunk must be >= 1, got 0"),
+        ({"eval.batch_prompts": 0}, "eval.batch_prompts=0 must be >= 1"),
+        ({"sft.batch_size": 0}, "sft.batch_size=0 must be >= 1"),
+        # tiny grows 4 + 2 x 2 = 8 chains per tree: 9 slots with the prompt's.
+        ({"rollout.num_slots": 8}, "rollout.num_slots=8 cannot hold one tree: it needs 1 + chains"),
+        ({"model.random.head_dim": 15}, "model.random.head_dim=15 must be even"),
+        ({"data.synthetic.num_countries": 1}, "data.synthetic.num_countries=1 must be >= 2"),
+        (
+            {"data.synthetic.validation_fraction": 0.0},
+            "data.synthetic.validation_fraction=0.0 must be in (0, 1) (each split needs questions)",
+        ),
+        (
+            {"data.synthetic.validation_fraction": 0.5, "data.synthetic.test_fraction": 0.5},
+            "data.synthetic.validation_fraction + test_fraction = 1.0 must be < 1",
+        ),
+        (
+            {"data.synthetic.demo_mistake_weights": (0.0, 0.0, 0.0)},
+            "data.synthetic.demo_mistake_weights=(0.0, 0.0, 0.0) must be finite, >= 0 and not all 0",
+        ),
+        # NaN passes no comparison, inf most of them: each one is named.
+        ({"loss.max_log_ratio": NAN}, "loss.max_log_ratio must be a finite number, got nan"),
+        ({"loss.kl_coef": INF}, "loss.kl_coef must be a finite number, got inf"),
+        ({"optim.grad_clip_norm": NAN}, "optim.grad_clip_norm=nan must be a finite number"),
+        ({"optim.learning_rate": INF}, "optim.learning_rate=inf must be a finite number"),
+        ({"rollout.expansion_penalty": NAN}, "rollout.expansion_penalty must be a finite number"),
+        ({"rollout.temperature": INF}, "rollout.temperature must be a finite number >= 0"),
+        ({"reward.python_bonus": NAN}, "reward.python_bonus must be a finite number (0: off)"),
+        ({"tools.timeout_s": INF}, "tools.timeout_s=inf / tools.retries=4: the timeout must be"),
+        ({"sft.learning_rate": NAN}, "sft.learning_rate=nan must be a finite number > 0"),
+        # tiny: 120 steps x 1 update each.
+        (
+            {"optim.schedule": "cosine", "optim.warmup_steps": 120},
+            "optim.schedule='cosine' decays over the run's 120 optimizer updates (train.steps x "
+            "train.ppo_epochs x train.prompts_per_step / train.mini_batch_prompts), which must "
+            "exceed optim.warmup_steps=120",
+        ),
+        (
+            {"optim.warmup_steps": 121},
+            "optim.warmup_steps=121 is longer than the run's 120 optimizer updates",
+        ),
+    ],
+)
+def test_sizes_and_numbers_fail_when_the_settings_are_built(overrides, message, tmp_path):
+    config = runs.load_config("tiny", overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_settings(config)
+    # Before the synthetic world, the model or the warm start: build_run stops at the settings.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "synthetic").exists()
+
+
+def test_a_schedule_horizon_given_by_the_run_is_accepted():
+    # The decay ends after the warm-up (121 > 120); an explicit total_steps is the user's horizon.
+    run_settings(runs.load_config("tiny", {"optim.schedule": "cosine", "optim.warmup_steps": 119}))
+    run_settings(
+        runs.load_config(
+            "tiny",
+            {"optim.schedule": "linear", "optim.warmup_steps": 500, "optim.total_steps": 1000},
+        )
+    )
+    run_settings(runs.load_config("tiny", {"train.steps": 0, "optim.warmup_steps": 10}))
+
+
+def test_one_sft_step_without_warmup_trains_at_the_peak_rate():
+    # sft.warmup_steps=0 is no warm-up: the old floor of one warm-up step made the only update's
+    # learning rate 0, so sft.steps=1 trained nothing.
+    settings = run_settings(runs.load_config("tiny", {"sft.steps": 1, "sft.warmup_steps": 0}))
+    optim = settings.sft.optimizer(settings.optim)
+    assert float(build_schedule(optim)(0)) == pytest.approx(settings.sft.learning_rate)
+    params = {"w": jnp.ones((2, 2))}
+    optimizer = adamw(optim)
+    updates, _ = optimizer.update({"w": jnp.ones((2, 2))}, optimizer.init(params), params)
+    assert float(jnp.abs(updates["w"]).min()) > 0
+
+
+def _files_run(tmp_path, train_file: str) -> dict:
+    """A files run whose training file is read before anything else needs to exist."""
+    return runs.load_config(
+        "qwen3_4b",
+        {
+            "model.path": str(tmp_path),
+            "data.train_files": train_file,
+            "tools.corpus": "x",
+        },
+    )
+
+
+def test_empty_training_file_and_empty_gold_are_configuration_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=rf"data.train_files: {empty} has no rows"):
+        build_run(_files_run(tmp_path, str(empty)), str(tmp_path / "run"))
+    record = {
+        "data_source": "nq",
+        "prompt": [{"role": "user", "content": "who?"}],
+        "reward_model": {"style": "rule", "ground_truth": {"target": [""]}},
+    }
+    blank = tmp_path / "blank_gold.jsonl"
+    blank.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ConfigError, match=rf"{blank} line 1: reward_model.ground_truth.target"):
+        build_run(_files_run(tmp_path, str(blank)), str(tmp_path / "run"))
