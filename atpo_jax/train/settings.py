@@ -133,6 +133,9 @@ class RunSettings:
     mesh: MeshSettings = MeshSettings()
 
     def __post_init__(self) -> None:
+        # NumPy refuses a negative seed (the data order, in the first RL step) and JAX one that
+        # does not fit 64 bits.
+        check(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
         r = self.rollout
         if r.mode == RolloutMode.TREE and r.chains_per_tree != r.samples_per_tree:
             raise ConfigError(

@@ -223,6 +223,7 @@ NAN, INF = float("nan"), float("inf")
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        ({"seed": -1}, "seed=-1 must be in [0, 2**63)"),
         ({"train.prompts_per_step": 0}, "train.prompts_per_step=0 must be >= 1"),
         ({"train.mini_batch_prompts": 0}, "train.mini_batch_prompts=0 must be >= 1"),
         (
