@@ -242,21 +242,29 @@ class Trainer:
         return target.from_checkpoint_items(restored)
 
     def _restore_newest_intact(self) -> TrainState:
-        """The newest checkpoint that reads and verifies; a damaged one is reported by step,
-        moved aside (``checkpoints_damaged/``) and the one before it is tried."""
-        damaged = []
+        """The newest checkpoint that reads and verifies. Damaged ones are reported by step and,
+        once an older one has restored, moved aside (``checkpoints_damaged/``) so that the run
+        saves those steps anew. When none restores (a model or mesh that does not fit them, say)
+        nothing is moved: the error lists each step's failure."""
+        damaged: list[tuple[int, str]] = []
         for step in reversed(self.checkpointer.all_steps()):
             try:
-                return self.restore(step)
+                state = self.restore(step)
             except CheckpointError as e:
-                moved = self.checkpointer.quarantine(step)
-                logger.error("%s; moved it to %s, trying the previous checkpoint", e, moved)
-                damaged.append(str(e))
+                logger.error("%s; trying the previous checkpoint", e)
+                damaged.append((step, str(e)))
+                continue
+            for bad, _ in damaged:
+                logger.warning(
+                    "moved damaged checkpoint %d to %s", bad, self.checkpointer.quarantine(bad)
+                )
+            return state
         raise CheckpointError(
             -1,
             f"no checkpoint in {self.checkpointer.directory} could be restored: "
-            + "; ".join(damaged)
-            + ". Start afresh with --overwrite",
+            + "; ".join(message for _, message in damaged)
+            + ". If the settings changed, resume with the run's own (run.json); if the files are "
+            "damaged, start afresh with --overwrite",
         )
 
     def warm_start(self, state: TrainState, stop: ShutdownRequest | None = None) -> TrainState:

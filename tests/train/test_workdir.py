@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -186,3 +187,40 @@ def test_resume_and_overwrite_exclude_each_other(world_dir, tmp_path):
     trainer = Trainer(hand_built_run(world_dir, str(tmp_path / "run")))
     with pytest.raises(ConfigError, match="pick one"):
         trainer.train(resume=True, overwrite=True)
+
+
+def test_resume_moves_damaged_steps_aside_only_once_an_older_one_restores(
+    world_dir, trained_workdir, tmp_path, monkeypatch
+):
+    from atpo_jax.train.checkpointing import CheckpointError
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained_workdir, workdir)
+    trainer = Trainer(hand_built_run(world_dir, workdir))
+    steps = trainer.checkpointer.all_steps()
+    assert len(steps) >= 2
+    restore = Trainer.restore
+
+    def fails_from(first_bad):
+        def restore_or_fail(self, step):
+            if step >= first_bad:
+                raise CheckpointError(step, f"checkpoint step {step}: damaged (test)")
+            return restore(self, step)
+
+        return restore_or_fail
+
+    # Nothing restores (as when the settings do not fit any step): nothing is moved.
+    monkeypatch.setattr(Trainer, "restore", fails_from(steps[0]))
+    with pytest.raises(CheckpointError, match="no checkpoint in .* could be restored") as err:
+        trainer._restore_newest_intact()
+    assert all(f"checkpoint step {s}: damaged" in str(err.value) for s in steps)
+    assert trainer.checkpointer.all_steps() == steps
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
+
+    # Only the newest is damaged: the one before restores, then the newest is moved aside.
+    monkeypatch.setattr(Trainer, "restore", fails_from(steps[-1]))
+    state = trainer._restore_newest_intact()
+    assert state.step == steps[-2]
+    assert trainer.checkpointer.all_steps() == steps[:-1]
+    (moved,) = os.listdir(os.path.join(workdir, "checkpoints_damaged"))
+    assert moved.startswith(f"{steps[-1]}-")
