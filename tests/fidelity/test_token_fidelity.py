@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from atpo_jax.data.prompts import build_messages, encode_prompt
@@ -22,6 +22,7 @@ from atpo_jax.rollout.sampling import SamplingParams
 from atpo_jax.rollout.settings import RolloutSettings
 from atpo_jax.rollout.tree_search import TreeSearch
 from atpo_jax.tools.base import ToolResult
+from atpo_jax.tools.parsing import CALL_LIMIT_WARNING
 from atpo_jax.tools.passages import format_observation
 from atpo_jax.tools.toolbox import Toolbox
 from tests.fidelity.qwen3_tokenizer import QWEN3_VOCAB_ROWS
@@ -76,30 +77,56 @@ def episodes(draw):
     end = draw(st.sampled_from([IM_END, END_OF_TEXT]))
     cuts = draw(st.lists(st.integers(0, 99), max_size=3))
     nonblank = TEXT.filter(lambda s: s.strip())
-    return draw(nonblank), draw(nonblank), turns, (final, cuts, end)
+    # Mostly roomy rows; sometimes a budget that truncates a turn or cuts an observation.
+    budget = draw(st.sampled_from([768, 768, 16, 40, 80]))
+    limits = (budget, draw(st.integers(0, 12)), draw(st.integers(0, 3)))
+    return draw(nonblank), draw(nonblank), turns, (final, cuts, end), limits
 
 
-def reference_row(tok, prompt_text_unused, turns_ids, observation, final_ids):
-    """The reference's row: each tool turn cut at the token completing ``</search>``."""
-    tokens, mask, queries = [], [], []
+def reference_row(tok, turns_ids, observation, final_ids, *, budget, margin, call_limit):
+    """The reference's row (ALGORITHM.md §1.3-§1.5): each tool turn cut at the token completing
+    ``</search>``; per-row budget, observation cut to leave ``margin``, the call-limit warning."""
+    tokens, mask, queries, calls = [], [], [], 0
+    warning = tok.encode(CALL_LIMIT_WARNING, add_special_tokens=False)
+
+    def sample(ids):  # the device never samples past the row's budget
+        room = budget - len(tokens)
+        tokens.extend(ids[:room])
+        mask.extend([1] * len(ids[:room]))
+        return len(ids) <= room
+
     for ids in turns_ids:
-        n = next((k for k in range(1, len(ids) + 1) if CLOSE in tok.decode(ids[:k])), None)
-        if n is None:  # the split never completed the tag: the turn runs on to the next script
-            raise AssertionError("scripted tool turn without a closing tag")
-        turn = ids[:n]
-        tokens += turn
-        mask += [1] * n
-        text = tok.decode(turn)
+        n = next(k for k in range(1, len(ids) + 1) if CLOSE in tok.decode(ids[:k]))
+        if not sample(ids[:n]):
+            return tokens, mask, queries, "length"
+        if calls >= call_limit:  # masked warning, the same node generates on
+            if len(warning) >= budget - len(tokens):
+                return tokens, mask, queries, "length"
+            tokens += warning
+            mask += [0] * len(warning)
+            continue
+        calls += 1
+        text = tok.decode(ids[:n])
         end = text.rfind(CLOSE)
         start = text.rfind("<search>", 0, end)
         query = text[start + len("<search>") : end].strip() if start >= 0 else ""
-        if not query:  # empty call: a trained EOS ends the chain
-            return tokens + [IM_END], mask + [1], queries, "empty_call"
+        if not query:  # empty call: a trained EOS ends the chain (when there is room)
+            if len(tokens) < budget:
+                return tokens + [IM_END], mask + [1], queries, "empty_call"
+            return tokens, mask, queries, "empty_call"
         queries.append(query)
-        tokens += observation
-        mask += [0] * len(observation)
-    tokens += final_ids
-    mask += [1] * len(final_ids)
+        obs = observation
+        room = budget - len(tokens)
+        if len(obs) > room:
+            obs = obs[: max(0, room - margin)]
+        if not obs:
+            return tokens, mask, queries, "no_room"
+        tokens += obs
+        mask += [0] * len(obs)
+        if len(tokens) >= budget:
+            return tokens, mask, queries, "length"
+    if not sample(final_ids):
+        return tokens, mask, queries, "length"
     return tokens, mask, queries, "eos"
 
 
@@ -107,7 +134,7 @@ def reference_row(tok, prompt_text_unused, turns_ids, observation, final_ids):
 @given(episodes())
 def test_rows_are_prompt_plus_sampled_plus_tool_tokens(qwen3_tokenizer, episode):
     tok = qwen3_tokenizer
-    question, passage, turns, (final, final_cuts, end) = episode
+    question, passage, turns, (final, final_cuts, end), (budget, margin, limit) = episode
     turns_ids = [split_encode(tok, text, cuts) for text, cuts in turns]
     final_ids = split_encode(tok, final, final_cuts) + [end]
     tool = PassageTool(passage)
@@ -118,8 +145,9 @@ def test_rows_are_prompt_plus_sampled_plus_tool_tokens(qwen3_tokenizer, episode)
         beam_size=1,
         samples_per_tree=1,
         max_prompt_len=512,
-        max_response_len=768,
-        observation_margin=8,
+        max_response_len=budget,
+        observation_margin=margin,
+        call_limit=limit,
         num_slots=2,
         decode_chunk=8,
         kv_bucket=128,
@@ -151,7 +179,7 @@ def test_rows_are_prompt_plus_sampled_plus_tool_tokens(qwen3_tokenizer, episode)
 
     observation = tok.encode(format_observation(passage), add_special_tokens=False)
     want, want_mask, want_queries, finish = reference_row(
-        tok, None, turns_ids, observation, final_ids
+        tok, turns_ids, observation, final_ids, budget=budget, margin=margin, call_limit=limit
     )
     info = out.row_info[0]
     got = np.asarray(out.rows.response_tokens[0])[: info.length].tolist()
@@ -160,9 +188,11 @@ def test_rows_are_prompt_plus_sampled_plus_tool_tokens(qwen3_tokenizer, episode)
     assert got_mask == want_mask
     assert tool.queries == want_queries
     assert info.finish == finish
+    event(f"finish={finish}")
     # The reward's input is the decoded row (special tokens skipped); the reference's rules apply
     # to that text.
     text = tok.decode(want, skip_special_tokens=True)
     assert out.texts[0] == text
+    assert info.length <= budget
     if finish == "eos":
         assert extract.extract_answer(text) == extract.extract_answer(tok.decode(final_ids[:-1]))
