@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from atpo_jax.settings import check
+from atpo_jax.settings import ConfigError, check
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,42 @@ def checksums(state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class CheckpointMismatchError(ConfigError):
+    """A restore target does not fit the checkpoint (other shapes or structure): the model or the
+    settings differ from the run that saved it. Not damage: the files are fine."""
+
+
+def _target_shapes(value: Any) -> dict[str, tuple[int, ...]]:
+    # Typed PRNG keys are left out (their stored form is their key data; restore checks them).
+    return {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(_box(value))
+        if hasattr(leaf, "shape") and not is_typed_key(leaf)
+    }
+
+
+def check_fit(step: int, directory: str, target: Mapping[str, Any], record: Mapping) -> None:
+    """Raises ``CheckpointMismatchError`` when an array item of ``target`` has a value the step did
+    not save, or one of another shape (dtypes may differ: a restore casts)."""
+    for name, ref in target.items():
+        want = record.get(name)
+        if want is None or "leaves" not in want or _is_json_item(ref):
+            continue
+        saved = want["leaves"]
+        for leaf, shape in _target_shapes(ref).items():
+            if leaf not in saved:
+                raise CheckpointMismatchError(
+                    f"checkpoint step {step} in {directory} holds no {name}{leaf}: the model or "
+                    "settings differ from the run that saved it (pass that run's settings)"
+                )
+            if "shape" in saved[leaf] and tuple(saved[leaf]["shape"]) != shape:
+                raise CheckpointMismatchError(
+                    f"checkpoint step {step} in {directory}: {name}{leaf} was saved with shape "
+                    f"{tuple(saved[leaf]['shape'])}, the target has {shape}: the model or settings "
+                    "differ from the run that saved it (pass that run's settings)"
+                )
+
+
 def verify(step: int, restored: Mapping[str, Any], record: Mapping[str, Any]) -> int:
     """Checks restored items against their integrity record; returns the number of values
     verified. A leaf restored into another dtype or shape than saved (a cast on restore) cannot
@@ -463,6 +499,8 @@ class Checkpointer:
           KeyError: ``target`` names an item the checkpoint does not have.
           CheckpointError: the step's files cannot be read, or what they hold differs from what
             was saved.
+          CheckpointMismatchError: ``target`` does not fit the step (another model or settings;
+            a ``ConfigError``), found from the integrity record before any array is read.
         """
         if not isinstance(target, Mapping) or not target:
             raise ValueError("restore target must be a non-empty dict of item name -> pytree")
@@ -483,24 +521,15 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} has no item(s) {missing}; "
                 f"it has {available}"
             )
+        record = None
+        if CHECKSUM_ITEM in self._stored_items(step):
+            record = self._read(step, {CHECKSUM_ITEM: ocp.args.JsonRestore()})[CHECKSUM_ITEM]
+            # A target that does not fit what was saved is a settings problem, not damage: say
+            # so before reading (orbax would fail the read, which looks like damage).
+            check_fit(step, self.directory, target, record)
         items = {name: _restore_arg(v) for name, v in target.items()}
-        has_record = CHECKSUM_ITEM in self._stored_items(step)
-        if has_record:
-            items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
-        error = None
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - any failure to read the files means: unusable
-            error = f"{type(e).__name__}: {e}"
-        # Every process must agree (the verification below is a collective).
-        if _any_process(error is not None) and error is None:
-            error = "another process could not read it"
-        if error is not None:
-            raise CheckpointError(
-                step, f"checkpoint step {step} in {self.directory} cannot be read ({error})"
-            )
+        restored = self._read(step, items)
         restored = {name: restored[name] for name in items}
-        record = restored.pop(CHECKSUM_ITEM, None)
         if record is not None:
             verify(step, restored, record)
         elif not self._warned_unverified:
@@ -517,6 +546,22 @@ class Checkpointer:
             else keys_from_data(_unbox(restored[name], ref), ref)
             for name, ref in target.items()
         }
+
+    def _read(self, step: int, items: dict[str, Any]) -> dict[str, Any]:
+        """orbax's restore of ``items``; any failure is a ``CheckpointError`` on every process."""
+        error, restored = None, None
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - any failure to read the files means: unusable
+            error = f"{type(e).__name__}: {e}"
+        # Every process must agree (the verification after the read is a collective).
+        if _any_process(error is not None) and error is None:
+            error = "another process could not read it"
+        if error is not None:
+            raise CheckpointError(
+                step, f"checkpoint step {step} in {self.directory} cannot be read ({error})"
+            )
+        return restored
 
     def quarantine(self, step: int) -> str:
         """Moves step ``step`` out of the checkpoint directory, to ``<directory>_damaged/``

@@ -500,9 +500,9 @@ def test_values_that_differ_from_the_saved_ones_fail_verification(two_steps, mon
 
     def tampered(step, args):
         out = dict(read(step, args=args))
-        params = out["params"]
-        kernel = params["lm_head"]["kernel"]
-        kernel[...] = kernel[...].at[0, 0].add(1.0)
+        if "params" in out:  # not the read of the integrity record alone
+            kernel = out["params"]["lm_head"]["kernel"]
+            kernel[...] = kernel[...].at[0, 0].add(1.0)
         return out
 
     monkeypatch.setattr(ckpt._manager, "restore", tampered)
@@ -530,3 +530,21 @@ def test_quarantine_moves_a_step_aside(two_steps):
     assert os.path.dirname(moved) == f"{directory}_damaged"
     assert "params" in os.listdir(moved)
     ckpt.close()
+
+
+def test_a_target_that_does_not_fit_is_a_settings_error_not_damage(tmp_path):
+    with C.Checkpointer(tmp_path, save_every=1) as ckpt:
+        ckpt.save(1, {"params": {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}, "step": 1})
+    ckpt = C.Checkpointer(tmp_path, read_only=True)
+    other = {"params": {"w": jnp.zeros((4, 2)), "b": jnp.zeros(3)}, "step": 0}
+    with pytest.raises(
+        C.CheckpointMismatchError, match=r"params\['w'\] was saved with shape \(4, 3\)"
+    ):
+        ckpt.restore(1, target=other)
+    renamed = {"params": {"v": jnp.zeros((4, 3)), "b": jnp.zeros(3)}, "step": 0}
+    with pytest.raises(C.CheckpointMismatchError, match=r"holds no params\['v'\]"):
+        ckpt.restore(1, target=renamed)
+    from atpo_jax.settings import ConfigError
+
+    assert issubclass(C.CheckpointMismatchError, ConfigError)
+    assert not issubclass(C.CheckpointMismatchError, C.CheckpointError)
