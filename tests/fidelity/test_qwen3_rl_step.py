@@ -91,8 +91,8 @@ def test_one_rl_step_at_the_real_vocabulary(qwen3_checkpoint, tmp_path):
             "data.train_files": files["train"],
             "data.eval_files": files["test"],
             "tools.corpus": str(corpus),
-            "rollout.max_prompt_len": 384,
-            "rollout.max_response_len": 48,
+            "rollout.max_prompt_len": 224,  # the paper prompt is 210 tokens here
+            "rollout.max_response_len": 32,
             "rollout.kv_bucket": 64,
             "mesh.data": 1,
             "mesh.fsdp": -1,
