@@ -10,6 +10,7 @@ reference (ALGORITHM.md §1.3-§1.5): prompt ids + sampled ids cut at the token 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 
 import numpy as np
 from flax import nnx
@@ -73,14 +74,15 @@ def episodes(draw):
                 draw(st.lists(st.integers(0, 99), max_size=3)),
             )
         )
-    final = f"{draw(TEXT)}<answer> \\boxed{{{draw(TEXT)}}} </answer>"
+    answer = draw(TEXT)
+    final = f"{draw(TEXT)}<answer> \\boxed{{{answer}}} </answer>"
     end = draw(st.sampled_from([IM_END, END_OF_TEXT]))
     cuts = draw(st.lists(st.integers(0, 99), max_size=3))
     nonblank = TEXT.filter(lambda s: s.strip())
     # Mostly roomy rows; sometimes a budget that truncates a turn or cuts an observation.
     budget = draw(st.sampled_from([768, 768, 16, 40, 80]))
     limits = (budget, draw(st.integers(0, 12)), draw(st.integers(0, 3)))
-    return draw(nonblank), draw(nonblank), turns, (final, cuts, end), limits
+    return draw(nonblank), draw(nonblank), turns, (final, cuts, end, answer), limits
 
 
 def reference_row(tok, turns_ids, observation, final_ids, *, budget, margin, call_limit):
@@ -134,7 +136,7 @@ def reference_row(tok, turns_ids, observation, final_ids, *, budget, margin, cal
 @given(episodes())
 def test_rows_are_prompt_plus_sampled_plus_tool_tokens(qwen3_tokenizer, episode):
     tok = qwen3_tokenizer
-    question, passage, turns, (final, final_cuts, end), (budget, margin, limit) = episode
+    question, passage, turns, (final, final_cuts, end, answer), (budget, margin, limit) = episode
     turns_ids = [split_encode(tok, text, cuts) for text, cuts in turns]
     final_ids = split_encode(tok, final, final_cuts) + [end]
     tool = PassageTool(passage)
@@ -196,3 +198,11 @@ def test_rows_are_prompt_plus_sampled_plus_tool_tokens(qwen3_tokenizer, episode)
     assert info.length <= budget
     if finish == "eos":
         assert extract.extract_answer(text) == extract.extract_answer(tok.decode(final_ids[:-1]))
+        # Against the reference's rule itself (ALGORITHM.md §3.1: the last brace-matched \boxed{}
+        # inside the first <answer>…</answer>): when nothing in the row can confuse that rule, the
+        # answer read from the decoded row is the one the policy wrote (NFC: the tokenizer's
+        # normaliser), whatever BPE did at the tags around it.
+        plain = not any(c in answer for c in "{}\\$") and "answer>" not in answer
+        if plain and text.count("<answer>") == 1 and text.count("</answer>") == 1:
+            assert extract.extract_answer(text) == unicodedata.normalize("NFC", answer)
+            event("answer checked against the reference rule")
