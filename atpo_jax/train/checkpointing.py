@@ -352,9 +352,8 @@ def verify(step: int, restored: Mapping[str, Any], record: Mapping[str, Any]) ->
         got = _leaf_records(value)
         for leaf, saved in want["leaves"].items():
             have = got.get(leaf)
-            if have is None or have.get("dtype") != saved.get("dtype"):
-                continue
-            if have.get("shape") != saved.get("shape"):
+            layout = ("dtype", "shape")
+            if have is None or any(have.get(k) != saved.get(k) for k in layout):
                 continue
             if have != saved:
                 raise CheckpointError(

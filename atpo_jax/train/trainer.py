@@ -74,7 +74,13 @@ from atpo_jax.train.policy import OldLogProbs, PolicyRows, policy_rows, totals_f
 from atpo_jax.train.run import Run
 from atpo_jax.train.sft import warm_start
 from atpo_jax.train.state import TrainState
-from atpo_jax.train.workdir import Claim, WorkdirError, WorkdirMode, claim_workdir
+from atpo_jax.train.workdir import (
+    Claim,
+    WorkdirError,
+    WorkdirMode,
+    claim_workdir,
+    describe_changes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -621,8 +627,7 @@ class Trainer:
             logger.warning("--overwrite: moved the earlier run to %s", claim.archived_to)
         if claim.accepted_changes:
             logger.warning(
-                "resuming with changed settings: %s",
-                "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in claim.accepted_changes.items()),
+                "resuming with changed settings: %s", describe_changes(claim.accepted_changes)
             )
         # A checkpointer opened read-only before the claim (restore, inspection) is reopened
         # writable: from here on this run owns the workdir.

@@ -246,10 +246,6 @@ class WorkdirLock:
             os.close(self._fd)
             self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
 
 # --------------------------------------------------------------------------------------------
 # Claiming a workdir
@@ -280,7 +276,8 @@ def archive_run(workdir: str) -> str:
     return target
 
 
-def _describe(changes: Mapping[str, tuple]) -> str:
+def describe_changes(changes: Mapping[str, tuple]) -> str:
+    """``"a.b: 1 -> 2; c.d: 'x' -> 'y'"`` for a :func:`settings_changes` result."""
     return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
@@ -349,7 +346,7 @@ def claim_workdir(
                     names = ",".join(blocked)
                     raise WorkdirError(
                         f"--resume with settings that change the run in {workdir}: "
-                        f"{_describe(blocked)}. Resume with the saved settings (run.json), or "
+                        f"{describe_changes(blocked)}. Resume with the saved settings (run.json), or "
                         f"pass --resume_allow_changes={names} to accept these changes"
                     )
                 claim.accepted_changes = settings_changes(saved, flat)
