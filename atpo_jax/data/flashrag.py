@@ -1,5 +1,9 @@
 """Convert FlashRAG-style JSONL (``question``, ``golden_answers``) into ATPO/Search-R1 rows.
 
+The gold answers come from ``golden_answers`` (FlashRAG), else ``answers``, else ``answer`` (other
+QA dumps), each a list of strings or one string; a record with none of them, or a malformed one, is
+an error naming the file and line.
+
 FlashRAG (``RUC-NLPIR/FlashRAG_datasets``) is where the paper's train and test sets come from
 (ALGORITHM.md §7). Download a split yourself, then::
 
@@ -17,7 +21,41 @@ from collections.abc import Sequence
 from typing import Any
 
 from atpo_jax.data.prompts import PROMPT_STYLES, build_messages, normalize_question
-from atpo_jax.data.rows import DatasetError, QARow, gold_problem, read_text_lines, write_rows
+from atpo_jax.data.rows import (
+    FLASHRAG_ANSWER_FIELDS,
+    DatasetError,
+    QARow,
+    gold_problem,
+    read_text_lines,
+    write_rows,
+)
+
+
+def flashrag_golds(record: dict[str, Any]) -> tuple[str, list[str]]:
+    """``(field, golds)``: the gold answers of a FlashRAG-style record, from the first of
+    ``golden_answers`` (FlashRAG), ``answers``, ``answer`` that it has, each a list of strings or
+    one string. A field that is present but malformed is an error, never skipped for the next one.
+
+    Raises:
+      ValueError: no answer field, or one that is not a non-empty list of strings / a string.
+    """
+    field = next((f for f in FLASHRAG_ANSWER_FIELDS if f in record), None)
+    if field is None:
+        raise ValueError(
+            f"no answer field: expected one of {list(FLASHRAG_ANSWER_FIELDS)} "
+            "(a list of answer strings or one string)"
+        )
+    golds = record[field]
+    if isinstance(golds, str):
+        golds = [golds]
+    if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+        raise ValueError(
+            f"{field!r} must be a non-empty list of strings or one string, got {record[field]!r:.80}"
+        )
+    problem = gold_problem(golds)
+    if problem:
+        raise ValueError(f"{field!r} {problem}")
+    return field, golds
 
 
 def _record_problem(record: Any) -> str | None:
@@ -26,13 +64,11 @@ def _record_problem(record: Any) -> str | None:
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         return "missing non-empty string 'question'"
-    golds = record.get("golden_answers")
-    if isinstance(golds, str):
-        golds = [golds]
-    if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-        return "'golden_answers' must be a non-empty list of strings"
-    problem = gold_problem(golds)
-    return f"'golden_answers' {problem}" if problem else None
+    try:
+        flashrag_golds(record)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def convert_flashrag_records(
@@ -48,7 +84,7 @@ def convert_flashrag_records(
     """
     rows = []
     for index, record in enumerate(records):
-        golds = record["golden_answers"]
+        _, golds = flashrag_golds(record)
         extra = {"split": split, "index": index, "question": normalize_question(record["question"])}
         if "id" in record:
             extra["id"] = str(record["id"])
@@ -56,7 +92,7 @@ def convert_flashrag_records(
             QARow(
                 data_source=data_source,
                 prompt=build_messages(record["question"], style),
-                golds=[golds] if isinstance(golds, str) else list(golds),
+                golds=golds,
                 extra_info=extra,
             )
         )
@@ -109,7 +145,8 @@ def convert_flashrag(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m atpo_jax.data.flashrag",
-        description="Convert FlashRAG JSONL (question, golden_answers) to ATPO/Search-R1 rows.",
+        description="Convert FlashRAG JSONL (question, golden_answers | answers | answer) to "
+        "ATPO/Search-R1 rows.",
     )
     parser.add_argument("--input", required=True, help="FlashRAG JSONL file")
     parser.add_argument("--output", required=True, help="output .parquet or .jsonl")

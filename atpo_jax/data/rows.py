@@ -8,8 +8,11 @@ A row (ALGORITHM.md §7)::
      "reward_model": {"style": "rule", "ground_truth": {"target": ["gold 1", "gold 2"]}},
      "extra_info": {"split": "train", "index": 0, ...}}
 
-Other columns (the reference keeps FlashRAG's ``id``, ``question``, ``golden_answers``, ...) are ignored.
-A malformed row is an error naming the file and row number; rows are never skipped silently. So is
+``reward_model.ground_truth`` may also be a list of answers or one answer string (other Search-R1
+derivatives write those), and ``target`` one string. Other columns (the reference keeps FlashRAG's
+``id``, ``question``, ``golden_answers``, ...) are ignored. A malformed row is an error naming the file
+and its 1-based row (parquet) or line (JSONL) number and what was expected; rows are never skipped
+silently. So is
 a gold answer with no word in it (blank, or only punctuation: only an empty ``\\boxed{}`` could match
 it), a line that is not UTF-8, and a file without rows.
 """
@@ -56,45 +59,80 @@ class QARow:
         }
 
 
-def _row_problem(record: Any) -> str | None:
-    """Why ``record`` is not a valid row, or None."""
+_GROUND_TRUTH_SHAPES = (
+    "{'target': [answers]} (Search-R1/ATPO), a list of answer strings, or one answer string"
+)
+# The FlashRAG answer fields, in the order they are looked up (flashrag.py uses the same list).
+FLASHRAG_ANSWER_FIELDS = ("golden_answers", "answers", "answer")
+
+
+class _RowProblem(Exception):
+    """Why one record is not a valid row (collected per file by :func:`rows_from_records`)."""
+
+
+def _ground_truth_golds(reward_model: Any) -> list[str]:
+    """The gold answers of ``reward_model.ground_truth``: ``{"target": [...]}`` as the reference
+    writes it (``target`` may also be one string), a list of strings, or one string; other
+    Search-R1 derivatives write the last two shapes."""
+    if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
+        raise _RowProblem(f"reward_model.ground_truth is missing; expected {_GROUND_TRUTH_SHAPES}")
+    truth = reward_model["ground_truth"]
+    where = "reward_model.ground_truth"
+    if isinstance(truth, dict):
+        if truth.get("target") is None:
+            raise _RowProblem(
+                f"{where} is an object without 'target' (keys {sorted(truth)}); "
+                f"expected {_GROUND_TRUTH_SHAPES}"
+            )
+        truth, where = truth["target"], f"{where}.target"
+    if isinstance(truth, str):
+        truth = [truth]
+    if not isinstance(truth, (list, tuple)) or not truth:
+        raise _RowProblem(
+            f"{where} must be a non-empty list of strings, got {truth!r:.80}; "
+            f"expected {_GROUND_TRUTH_SHAPES}"
+        )
+    if not all(isinstance(t, str) for t in truth):
+        raise _RowProblem(f"{where} has a non-string entry: {truth!r:.80}")
+    problem = gold_problem(truth)
+    if problem:
+        raise _RowProblem(f"{where} {problem}")
+    return list(truth)
+
+
+def _parse_record(record: Any) -> QARow:
+    """The row of one record; raises :class:`_RowProblem` saying what is wrong with it."""
     if not isinstance(record, dict):
-        return f"expected an object, got {type(record).__name__}"
+        raise _RowProblem(f"expected an object, got {type(record).__name__}")
     missing = [c for c in REQUIRED_COLUMNS if c not in record]
     if missing:
-        if "question" in record and "golden_answers" in record:
-            return (
+        if "question" in record and any(f in record for f in FLASHRAG_ANSWER_FIELDS):
+            raise _RowProblem(
                 f"missing {missing}; this looks like FlashRAG JSONL, convert it with "
                 "`python -m atpo_jax.data.flashrag --input FILE --output OUT.parquet --data-source NAME`"
             )
-        return f"missing field(s) {missing}"
+        raise _RowProblem(f"missing field(s) {missing}")
     if not isinstance(record["data_source"], str) or not record["data_source"]:
-        return "data_source must be a non-empty string"
+        raise _RowProblem("data_source must be a non-empty string")
     prompt = record["prompt"]
     if not isinstance(prompt, (list, tuple)) or not prompt:
-        return "prompt must be a non-empty list of {role, content} messages"
+        raise _RowProblem("prompt must be a non-empty list of {role, content} messages")
     for m in prompt:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            return f"prompt message {m!r:.80} has no string 'role'"
+            raise _RowProblem(f"prompt message {m!r:.80} has no string 'role'")
         if not isinstance(m.get("content"), str):
-            return f"prompt message with role {m['role']!r} has no string 'content'"
-    try:
-        target = record["reward_model"]["ground_truth"]["target"]
-    except (TypeError, KeyError):
-        return "reward_model.ground_truth.target is missing"
-    if isinstance(target, str):
-        target = [target]
-    if not isinstance(target, (list, tuple)) or not target:
-        return f"reward_model.ground_truth.target must be a non-empty list of strings, got {target!r:.80}"
-    if not all(isinstance(t, str) for t in target):
-        return f"reward_model.ground_truth.target has a non-string entry: {target!r:.80}"
-    problem = gold_problem(target)
-    if problem:
-        return f"reward_model.ground_truth.target {problem}"
+            raise _RowProblem(f"prompt message with role {m['role']!r} has no string 'content'")
+    golds = _ground_truth_golds(record["reward_model"])
     extra = record.get("extra_info")
     if extra is not None and not isinstance(extra, dict):
-        return "extra_info must be an object"
-    return None
+        raise _RowProblem("extra_info must be an object")
+    return QARow(
+        data_source=record["data_source"],
+        prompt=[{"role": m["role"], "content": m["content"]} for m in prompt],
+        golds=golds,
+        ability=record.get("ability") or "fact-reasoning",
+        extra_info=dict(extra or {}),
+    )
 
 
 def gold_problem(golds: Sequence[str]) -> str | None:
@@ -107,17 +145,6 @@ def gold_problem(golds: Sequence[str]) -> str | None:
     return None
 
 
-def _row_from_record(record: dict[str, Any]) -> QARow:
-    target = record["reward_model"]["ground_truth"]["target"]
-    return QARow(
-        data_source=record["data_source"],
-        prompt=[{"role": m["role"], "content": m["content"]} for m in record["prompt"]],
-        golds=[target] if isinstance(target, str) else list(target),
-        ability=record.get("ability") or "fact-reasoning",
-        extra_info=dict(record.get("extra_info") or {}),
-    )
-
-
 def rows_from_records(
     records: Sequence[Any], source: str, *, locations: Sequence[str] | None = None
 ) -> list[QARow]:
@@ -126,20 +153,20 @@ def rows_from_records(
     Args:
       records: the raw records.
       source: file name for messages.
-      locations: where each record sits (``"line 7"``); defaults to ``"row i"`` (0-based).
+      locations: where each record sits (``"line 7"``); defaults to ``"row i"``, 1-based (the
+        first record is row 1).
 
     Raises:
       DatasetError: listing up to 10 bad rows with their location, and how many there are in total.
     """
     if locations is None:
-        locations = [f"row {i}" for i in range(len(records))]
+        locations = [f"row {i}" for i in range(1, len(records) + 1)]
     rows, problems = [], []
     for where, record in zip(locations, records, strict=True):
-        problem = _row_problem(record)
-        if problem is None:
-            rows.append(_row_from_record(record))
-        else:
-            problems.append(f"{source} {where}: {problem}")
+        try:
+            rows.append(_parse_record(record))
+        except _RowProblem as e:
+            problems.append(f"{source} {where}: {e}")
     if problems:
         shown = "\n  ".join(problems[:_MAX_REPORTED])
         extra = len(problems) - _MAX_REPORTED
@@ -151,7 +178,7 @@ def rows_from_records(
 def read_rows(path: str | os.PathLike[str]) -> list[QARow]:
     """Reads a ``.parquet`` or ``.jsonl`` dataset of ATPO/Search-R1 rows.
 
-    Errors name the file and the 0-based row index (parquet) or the 1-based line number (JSONL).
+    Errors name the file and the 1-based row number (parquet) or line number (JSONL).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -165,7 +192,7 @@ def read_rows(path: str | os.PathLike[str]) -> list[QARow]:
         if missing:
             raise DatasetError(
                 f"{path}: missing column(s) {missing}; expected the ATPO/Search-R1 row format "
-                "(data_source, prompt, reward_model.ground_truth.target)"
+                "(data_source, prompt, reward_model.ground_truth)"
             )
         wanted = [
             c for c in (*REQUIRED_COLUMNS, "ability", "extra_info") if c in table.column_names

@@ -108,3 +108,43 @@ def test_non_utf8_flashrag_line(tmp_path):
     src.write_bytes(b'{"question": "caf\xe9?", "golden_answers": ["x"]}\n')
     with pytest.raises(DatasetError, match=f"{src} line 1: not UTF-8 text"):
         convert_flashrag(src, tmp_path / "o.jsonl", data_source="x")
+
+
+@pytest.mark.parametrize(
+    ("answers", "golds"),
+    [
+        ({"golden_answers": ["a", "b"]}, ["a", "b"]),
+        ({"golden_answers": "a"}, ["a"]),
+        ({"answers": ["a", "b"]}, ["a", "b"]),
+        ({"answers": "a"}, ["a"]),
+        ({"answer": ["a", "b"]}, ["a", "b"]),
+        ({"answer": "a"}, ["a"]),
+        # golden_answers (FlashRAG's own field) wins over the others.
+        ({"answer": "other", "golden_answers": ["a"]}, ["a"]),
+        ({"answer": "other", "answers": ["a"]}, ["a"]),
+    ],
+)
+def test_answer_fields(tmp_path, answers, golds):
+    src = tmp_path / "in.jsonl"
+    write_flashrag(src, [{"question": "q", **answers}])
+    convert_flashrag(src, tmp_path / "o.jsonl", data_source="nq")
+    assert read_rows(tmp_path / "o.jsonl")[0].golds == golds
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ({}, "no answer field: expected one of ['golden_answers', 'answers', 'answer']"),
+        ({"answer": 42}, "'answer' must be a non-empty list of strings or one string, got 42"),
+        ({"answers": [1, 2]}, "'answers' must be a non-empty list of strings or one string"),
+        # A malformed golden_answers is an error even when a good 'answer' follows it.
+        ({"golden_answers": None, "answer": "a"}, "'golden_answers' must be a non-empty list"),
+    ],
+    ids=["none", "int", "int-list", "no-fallback"],
+)
+def test_bad_answer_fields_name_file_and_line(tmp_path, answers, expected):
+    src = tmp_path / "bad.jsonl"
+    write_flashrag(src, [{"question": "q", "answer": "fine"}, {"question": "q", **answers}])
+    with pytest.raises(DatasetError) as info:
+        convert_flashrag(src, tmp_path / "o.jsonl", data_source="x")
+    assert f"{src} line 2: {expected}" in str(info.value)

@@ -84,8 +84,9 @@ def test_malformed_parquet_rows_name_file_and_row(tmp_path):
         read_rows(path)
     message = str(info.value)
     assert message.startswith("2 malformed row(s):")
-    assert f"{path} row 1: reward_model.ground_truth.target must be a non-empty list" in message
-    assert f"{path} row 2: prompt must be a non-empty list" in message
+    # Row numbers are 1-based: the second and third records.
+    assert f"{path} row 2: reward_model.ground_truth.target must be a non-empty list" in message
+    assert f"{path} row 3: prompt must be a non-empty list" in message
 
 
 def test_malformed_jsonl_rows_name_file_and_line(tmp_path):
@@ -103,10 +104,83 @@ def test_malformed_jsonl_rows_name_file_and_line(tmp_path):
         read_rows(path)
 
 
-def test_flashrag_jsonl_gets_a_conversion_hint(tmp_path):
+@pytest.mark.parametrize("field", ["golden_answers", "answers", "answer"])
+def test_flashrag_jsonl_gets_a_conversion_hint(tmp_path, field):
     path = tmp_path / "flashrag.jsonl"
-    path.write_text(json.dumps({"id": "1", "question": "q", "golden_answers": ["a"]}) + "\n")
-    with pytest.raises(DatasetError, match="python -m atpo_jax.data.flashrag"):
+    path.write_text(json.dumps({"id": "1", "question": "q", field: ["a"]}) + "\n")
+    with pytest.raises(DatasetError, match="line 1: .*`python -m atpo_jax.data.flashrag"):
+        read_rows(path)
+
+
+def search_r1_record(i, ground_truth):
+    record = reference_record(i, ["unused"])
+    record["reward_model"] = {"style": "rule", "ground_truth": ground_truth}
+    return record
+
+
+@pytest.mark.parametrize(
+    ("ground_truth", "golds"),
+    [
+        ({"target": ["Paris", "City of Light"]}, ["Paris", "City of Light"]),
+        ({"target": "Paris"}, ["Paris"]),
+        (["Paris", "City of Light"], ["Paris", "City of Light"]),
+        ("Paris", ["Paris"]),
+    ],
+    ids=["dict-of-list", "dict-of-string", "list", "string"],
+)
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_ground_truth_shapes(tmp_path, ground_truth, golds, suffix):
+    # Each shape as its own file: a parquet column has one type for all its rows.
+    records = [search_r1_record(0, ground_truth), search_r1_record(1, ground_truth)]
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [row.golds for row in read_rows(path)] == [golds, golds]
+
+
+@pytest.mark.parametrize(
+    ("ground_truth", "expected"),
+    [
+        (7, "reward_model.ground_truth must be a non-empty list of strings, got 7"),
+        (
+            {"answer": ["x"]},
+            "reward_model.ground_truth is an object without 'target' (keys ['answer'])",
+        ),
+        ({"target": None}, "reward_model.ground_truth is an object without 'target'"),
+        ([], "reward_model.ground_truth must be a non-empty list of strings, got []"),
+        (["ok", 3], "reward_model.ground_truth has a non-string entry"),
+        ({"target": [["nested"]]}, "reward_model.ground_truth.target has a non-string entry"),
+    ],
+    ids=["int", "dict-without-target", "null-target", "empty-list", "int-entry", "nested"],
+)
+def test_other_ground_truth_shapes_name_file_row_and_the_expected_shapes(
+    tmp_path, ground_truth, expected
+):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps(search_r1_record(0, "fine"))
+        + "\n"
+        + json.dumps(search_r1_record(1, ground_truth))
+    )
+    with pytest.raises(DatasetError) as info:
+        read_rows(path)
+    message = str(info.value)
+    assert message.startswith("1 malformed row(s):")
+    assert f"{path} line 2: {expected}" in message
+    if "non-string entry" not in expected:
+        assert (
+            "expected {'target': [answers]} (Search-R1/ATPO), a list of answer strings" in message
+        )
+
+
+def test_reward_model_without_ground_truth(tmp_path):
+    path = tmp_path / "bad.parquet"
+    record = reference_record(0, ["x"])
+    record["reward_model"] = {"style": "rule"}
+    pq.write_table(pa.Table.from_pylist([record]), path)
+    with pytest.raises(DatasetError, match=f"{path} row 1: reward_model.ground_truth is missing"):
         read_rows(path)
 
 
