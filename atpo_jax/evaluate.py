@@ -17,8 +17,10 @@ over that process's devices. Evaluation is the trainer's: greedy decoding, one c
 per question, the reward's format check skipped (``atpo_jax.train.evaluation``), so a run's own
 ``eval_<K>.json`` is reproduced exactly. The markdown table is printed and the results are saved
 as ``<OUT>/evaluation_step_<K>.json`` (orbax) or ``<OUT>/evaluation_<directory name>.json`` (Hugging
-Face); ``OUT`` defaults to the run directory (the parent of ``PATH`` when that holds a run), else
-``runs/evaluate/<directory name>``. A configuration problem (a missing or mismatched checkpoint,
+Face). The paper's Table 1 (per-benchmark EM, multi-hop and single-hop averages; other data sources
+in a section of their own, ``atpo_jax.train.table1``) is printed too and saved beside it as
+``evaluation_<tag>_table1.json`` and ``.md``. ``OUT`` defaults to the run directory (the parent
+of ``PATH`` when that holds a run), else ``runs/evaluate/<directory name>``. A configuration problem (a missing or mismatched checkpoint,
 data file, retriever or setting) exits with status 2 and one message on stderr; so does a checkpoint
 that cannot be read or fails its integrity check (the evaluator never reports metrics of damaged
 weights).
@@ -41,7 +43,7 @@ from atpo_jax.cli import fail, parse_flags
 from atpo_jax.config import run_settings
 from atpo_jax.data.settings import DataSource
 from atpo_jax.settings import ConfigError
-from atpo_jax.train import evaluation
+from atpo_jax.train import evaluation, table1
 from atpo_jax.train.checkpointing import Checkpointer, CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -152,6 +154,7 @@ def evaluate_checkpoint(
     )
     path = os.path.join(out, f"evaluation_{tag}.json")
     evaluation.save_results(results, path)
+    table1.save(results, path)  # the paper's Table 1 beside it, as JSON and markdown
     return results, path
 
 
@@ -188,7 +191,10 @@ def main(argv: list[str]) -> None:
     where = results["checkpoint"] + ("" if results["step"] is None else f" step {results['step']}")
     print(f"Greedy evaluation of {where} ({results['n']} questions):")
     print(evaluation.markdown_table(results))
-    print(f"saved {path}")
+    print("\nThe paper's Table 1 (EM by benchmark, multi-hop and single-hop averages):")
+    print(table1.markdown(table1.table1(results)))
+    stem = os.path.splitext(path)[0]
+    print(f"saved {path}, {stem}_table1.json and {stem}_table1.md")
 
 
 if __name__ == "__main__":
