@@ -107,7 +107,7 @@ class StopAutomaton:
         node = np.repeat(live_nodes[:, None], len(texts), axis=1)  # [live, V] Aho–Corasick nodes
         best = np.full(node.shape, none, np.int64)  # lowest stop index completed within the token
         neg_lengths = -lengths
-        for p in range(int(lengths[0]) if len(lengths) else 0):
+        for p in range(int(lengths[0])):  # texts is non-empty
             n = int(np.searchsorted(neg_lengths, -p, side="left"))  # tokens with len > p
             step = goto_flat[node[:, :n] * width + codes[starts[:n] + p]]
             node[:, :n] = step
