@@ -1,8 +1,14 @@
-"""Retrieval service over the embedded BM25 index, speaking the reference protocol (ALGORITHM.md §6.1).
+"""Retrieval service (BM25 or dense e5/FAISS), speaking the reference protocol (ALGORITHM.md §6.1).
 
 Run it with::
 
     python -m atpo_jax.tools.retrieval_server --corpus corpus.jsonl [--host 127.0.0.1] [--port 8000]
+    python -m atpo_jax.tools.retrieval_server --method dense --index INDEX_DIR [--encoder DIR]
+
+``--method bm25`` (the default) indexes ``--corpus`` with the embedded BM25 retriever. ``--method
+dense`` serves an index built by ``python -m atpo_jax.tools.build_index`` (``--encoder`` and
+``--corpus`` default to the ones recorded in its manifest, and are checked against it); the
+queries of one request are encoded in one batch.
 
 ``POST /retrieve`` takes ``{"queries": [...], "topk": k, "return_scores": bool}`` (a missing or 0 ``topk``
 means the server default) and answers ``{"result": [...]}``, one list per query: ``{"document": row,
@@ -38,6 +44,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import threading
@@ -468,9 +475,31 @@ _LIMIT_HELP = {
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m atpo_jax.tools.retrieval_server",
-        description="Serve a BM25 index over a JSONL corpus with the Search-R1/ATPO /retrieve protocol.",
+        description="Serve a BM25 or dense (e5 + FAISS) index over a JSONL corpus with the "
+        "Search-R1/ATPO /retrieve protocol.",
     )
-    parser.add_argument("--corpus", required=True, help="JSONL corpus, one {id, contents} per line")
+    parser.add_argument(
+        "--method", default="bm25", choices=["bm25", "dense"], help="retriever (default bm25)"
+    )
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="JSONL corpus, one {id, contents} per line (bm25: required; dense: default the "
+        "index's own)",
+    )
+    parser.add_argument(
+        "--index", default=None, help="dense: index folder built by atpo_jax.tools.build_index"
+    )
+    parser.add_argument(
+        "--encoder", default=None, help="dense: encoder checkpoint dir (default: the index's)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="dense: query encoder dtype (default: the one the passages were encoded in)",
+    )
+    parser.add_argument("--nprobe", type=int, default=None, help="dense IVF: cells per query")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument(
@@ -496,6 +525,33 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
 
 
+def build_retriever(args: argparse.Namespace) -> Any:
+    """The retriever ``--method`` names; ``ValueError`` naming the flag for a bad combination."""
+    if args.method == "bm25":
+        extra = [f for f in ("index", "encoder", "dtype", "nprobe") if getattr(args, f)]
+        if extra:
+            raise ValueError(f"--{extra[0]} is for --method dense (this server runs bm25)")
+        if not args.corpus:
+            raise ValueError("--corpus is required for --method bm25 (a JSONL corpus)")
+        return LocalBM25Retriever(args.corpus, index_dir=args.index_dir)
+    if not args.index:
+        raise ValueError(
+            "--method dense needs --index INDEX_DIR (built with python -m "
+            "atpo_jax.tools.build_index --encoder DIR --corpus corpus.jsonl --out INDEX_DIR)"
+        )
+    if args.index_dir:
+        raise ValueError("--index-dir is the BM25 cache folder; --method dense reads --index")
+    # The encoder is small: without this JAX would reserve most of a GPU's memory for it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from atpo_jax.tools.dense import DenseRetriever
+
+    retriever = DenseRetriever(
+        args.index, encoder=args.encoder, corpus=args.corpus, dtype=args.dtype, nprobe=args.nprobe
+    )
+    retriever.search(["warm-up"], args.topk)  # compile the one-query program before serving
+    return retriever
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -504,8 +560,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ValueError(
                 f"--topk must be from 1 to --max-topk={limits.max_topk}, got {args.topk}"
             )
-        retriever = LocalBM25Retriever(args.corpus, index_dir=args.index_dir)
-    except (CorpusError, ValueError) as e:
+        retriever = build_retriever(args)
+    except (CorpusError, ValueError, ImportError) as e:
         sys.exit(f"retrieval_server: {e}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
@@ -515,8 +571,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         retriever, default_topk=args.topk, num_documents=retriever.num_documents, limits=limits
     )
     print(
-        f"serving {retriever.num_documents} documents from {args.corpus} on "
-        f"http://{args.host}:{args.port}/retrieve",
+        f"serving {retriever.num_documents} documents from {retriever.corpus_path} "
+        f"({args.method}) on http://{args.host}:{args.port}/retrieve",
         flush=True,
     )
     server = uvicorn.Server(

@@ -7,9 +7,11 @@ import logging
 import math
 import os
 
-from atpo_jax.settings import ConfigError, check, coerce_choices
+from atpo_jax.settings import ConfigError, StrEnum, check, coerce_choices
 from atpo_jax.tools.bm25 import LocalBM25Retriever
 from atpo_jax.tools.corpus import CorpusError
+from atpo_jax.tools.dense import DenseRetriever
+from atpo_jax.tools.dense_index import IndexMismatchError
 from atpo_jax.tools.http_retriever import HttpRetriever, RetryPolicy
 from atpo_jax.tools.python_sandbox import (
     Isolation,
@@ -21,6 +23,13 @@ from atpo_jax.tools.search import SearchTool
 from atpo_jax.tools.toolbox import Toolbox
 
 log = logging.getLogger(__name__)
+
+
+class RetrievalMethod(StrEnum):
+    """How the in-process search tool retrieves (``tools.method``)."""
+
+    BM25 = "bm25"  # the embedded BM25 index over tools.corpus
+    DENSE = "dense"  # an e5 + FAISS index built by python -m atpo_jax.tools.build_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +51,13 @@ class ToolSettings:
         every guarantee, else unshare; refuses to start where neither works), ``bwrap``, ``unshare``,
         or ``unsafe`` (resource limits and an audit hook only, not a security boundary; must be
         chosen explicitly). docs/security.md.
+      method: the in-process retriever when there is no ``retriever_url``: ``bm25`` (over
+        ``corpus``) or ``dense`` (e5 + FAISS over ``index``; the paper's retriever).
+      index: ``method=dense``: the index folder built by ``python -m atpo_jax.tools.build_index``;
+        its corpus is ``corpus`` (default: the synthetic world's, else the index's own) and must
+        be the one it was built from.
+      encoder: ``method=dense``: the e5 encoder checkpoint directory (default: the one recorded in
+        the index; either way it must be the encoder the index was built with).
     """
 
     corpus: str = ""
@@ -53,9 +69,13 @@ class ToolSettings:
     cache_path: str = ""
     python: bool = False
     python_isolation: Isolation = Isolation.AUTO
+    method: RetrievalMethod = RetrievalMethod.BM25
+    index: str = ""
+    encoder: str = ""
 
     def __post_init__(self) -> None:
         coerce_choices(self, "tools")
+        self._check_method()
         check(self.topk >= 1, f"tools.topk={self.topk} must be >= 1")
         check(
             self.max_passage_chars >= 1,
@@ -67,6 +87,26 @@ class ToolSettings:
             "be a finite number > 0 and tools.retries counts attempts, >= 1",
         )
 
+    def _check_method(self) -> None:
+        if self.method is RetrievalMethod.BM25:
+            check(
+                not (self.index or self.encoder),
+                f"tools.index={self.index!r} / tools.encoder={self.encoder!r} are for the dense "
+                "retriever: add --config.tools.method=dense (or clear them)",
+            )
+            return
+        check(
+            not self.retriever_url,
+            f"tools.method=dense runs the dense retriever in this process, but "
+            f"tools.retriever_url={self.retriever_url!r} points at a service: set one of them "
+            "(a dense service: python -m atpo_jax.tools.retrieval_server --method dense)",
+        )
+        check(
+            bool(self.index),
+            "tools.method=dense needs tools.index: a folder built by python -m "
+            "atpo_jax.tools.build_index --encoder DIR --corpus corpus.jsonl --out INDEX_DIR",
+        )
+
     @property
     def call_deadline_s(self) -> float:
         """How long the rollout waits for one tool call: every attempt plus one for backoff."""
@@ -76,8 +116,9 @@ class ToolSettings:
 def build_toolbox(
     settings: ToolSettings, *, default_corpus: str | None, max_workers: int
 ) -> Toolbox:
-    """Search (HTTP service, else local BM25 over ``settings.corpus or default_corpus``) plus the
-    python tool when enabled. Raises ``ConfigError`` naming the setting for a bad URL or corpus."""
+    """Search (HTTP service, else the dense index or local BM25 over ``settings.corpus or
+    default_corpus``) plus the python tool when enabled. Raises ``ConfigError`` naming the
+    setting for a bad URL, corpus, index or encoder."""
     if settings.retriever_url:
         retry = RetryPolicy(
             read_timeout_s=settings.timeout_s,
@@ -90,6 +131,8 @@ def build_toolbox(
             )
         except ValueError as e:
             raise ConfigError(f"tools.retriever_url={settings.retriever_url!r}: {e}") from e
+    elif settings.method is RetrievalMethod.DENSE:
+        retriever = _dense_retriever(settings, default_corpus)
     else:
         corpus = settings.corpus or default_corpus
         if not corpus:
@@ -112,6 +155,27 @@ def build_toolbox(
             settings.python_isolation,
         )
     return Toolbox(tools, max_workers=max_workers)
+
+
+def _dense_retriever(settings: ToolSettings, default_corpus: str | None) -> DenseRetriever:
+    """The e5 + FAISS retriever of ``tools.index`` (its corpus and encoder checked against the
+    index's manifest), or a ``ConfigError`` naming the setting that does not fit."""
+    corpus = settings.corpus or default_corpus or None
+    if corpus and not os.path.exists(corpus):
+        raise ConfigError(f"tools.corpus={corpus!r} does not exist: point it at a JSONL corpus")
+    if settings.encoder and not os.path.isdir(settings.encoder):
+        raise ConfigError(
+            f"tools.encoder={settings.encoder!r} is not a directory: point it at the encoder "
+            "checkpoint the index was built with (or leave it empty to use the index's own)"
+        )
+    try:
+        return DenseRetriever(settings.index, encoder=settings.encoder or None, corpus=corpus)
+    except IndexMismatchError as e:
+        raise ConfigError(f"tools.index={settings.index!r}: {e}") from e
+    except CorpusError as e:
+        raise ConfigError(f"tools.corpus={corpus!r}: {e}") from e
+    except (ValueError, OSError, ImportError) as e:  # the encoder checkpoint, or faiss missing
+        raise ConfigError(f"tools.encoder={settings.encoder or '(the index own)'!r}: {e}") from e
 
 
 def _python_tool(settings: ToolSettings) -> PythonTool:

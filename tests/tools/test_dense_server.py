@@ -1,0 +1,94 @@
+"""The retrieval server with ``--method dense``: same answers as the in-process retriever."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from atpo_jax.tools import HttpRetriever, RetryPolicy, parse_retrieve_response
+from atpo_jax.tools.dense import DenseRetriever
+from atpo_jax.tools.retrieval_server import (
+    build_retriever,
+    create_app,
+    main,
+    parse_args,
+    serve_in_thread,
+)
+from tests.tools import dense_helpers
+
+
+class RecordingEncoder:
+    """The session encoder, recording how many queries each encode call carried."""
+
+    def __init__(self, encoder):
+        self.inner, self.calls = encoder, []
+        self.batch_size = encoder.batch_size
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+    def encode_queries(self, queries, *, batch_size=None):
+        self.calls.append(len(queries))
+        return self.inner.encode_queries(queries, batch_size=batch_size)
+
+
+def hit_ids(results):
+    return [[(p.id, p.score) for p in row] for row in results]
+
+
+def test_server_answers_equal_in_process_answers(dense):
+    encoder = RecordingEncoder(dense.encoder)
+    retriever = DenseRetriever(dense.index_dir, encoder=encoder)
+    queries = dense_helpers.make_queries(64)
+    want = retriever.search(queries, 3)
+    app = create_app(retriever, num_documents=retriever.num_documents)
+    with serve_in_thread(app) as server:
+        encoder.calls.clear()
+        body = {"queries": queries, "topk": 3, "return_scores": True}
+        response = httpx.post(server.url, json=body, timeout=60, trust_env=False)
+        assert response.status_code == 200, response.text
+        assert encoder.calls == [64]  # the request's queries were encoded as one batch
+        got = parse_retrieve_response(response.json(), len(queries))
+        # Scores survive JSON exactly (a float32 widened to a double prints and parses back).
+        assert hit_ids(got) == hit_ids(want)
+        assert [[p.document for p in row] for row in got] == [
+            [p.document for p in row] for row in want
+        ]
+        plain = httpx.post(server.url, json={**body, "return_scores": False}, trust_env=False)
+        assert plain.json()["result"][0] == [p.document for p in want[0]]
+        health = httpx.get(server.url.replace("/retrieve", "/health"), trust_env=False).json()
+        assert health == {"status": "ok", "documents": 192}
+        retry = RetryPolicy(read_timeout_s=60, max_attempts=2)
+        with HttpRetriever(server.url, retry=retry) as client:
+            assert hit_ids(client.search(queries[:8], 3)) == hit_ids(want[:8])
+
+
+def test_command_line_builds_the_dense_retriever_from_the_index(dense, monkeypatch):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # what the server sets
+    retriever = build_retriever(parse_args(["--method", "dense", "--index", dense.index_dir]))
+    # The encoder and corpus default to the manifest's.
+    assert retriever.corpus_path == dense.corpus and retriever.num_documents == 192
+    queries = dense_helpers.make_queries(64)
+    in_process = DenseRetriever(dense.index_dir, encoder=dense.encoder)
+    assert hit_ids(retriever.search(queries, 3)) == hit_ids(in_process.search(queries, 3))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "dense"], r"--method dense needs --index INDEX_DIR \(built with python -m"),
+        (["--corpus", "c.jsonl", "--index", "x"], r"--index is for --method dense"),
+        (["--method", "bm25"], r"--corpus is required for --method bm25"),
+        (
+            ["--method", "dense", "--index", "x", "--index-dir", "y"],
+            r"--index-dir is the BM25 cache",
+        ),
+        (
+            ["--method", "dense", "--index", "/nonexistent"],
+            r"index folder '/nonexistent' does not exist",
+        ),
+    ],
+)
+def test_command_line_errors_name_the_flag(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
