@@ -23,7 +23,7 @@ from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.rows import QARow
 from atpo_jax.data.settings import DataSource
 from atpo_jax.data.synthetic import build_synthetic_world, load_tokenizer
-from atpo_jax.rollout.engine import Engine, cache_shardings
+from atpo_jax.rollout.engine import Engine, cache_shardings, dense_equivalent_pages
 from atpo_jax.rollout.tree_search import TreeSearch
 from atpo_jax.settings import ConfigError
 from atpo_jax.tools.settings import build_toolbox, check_retriever
@@ -300,6 +300,12 @@ def build_search(
     if evaluation:
         rollout = rollout.for_evaluation(settings.eval.max_response_len)
     num_slots = 2 * settings.eval.batch_prompts if evaluation else rollout.num_slots
+    num_pages = (0 if evaluation else rollout.kv_pages) or dense_equivalent_pages(
+        num_slots, rollout.max_len, rollout.page_size
+    )
+    if mesh is not None:  # pages split over the batch axes only where their count divides
+        split = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        num_pages = -(-num_pages // split) * split
     engine = Engine(
         model,
         num_slots=num_slots,
@@ -310,7 +316,9 @@ def build_search(
         decode=tokenizer.decode,
         decode_chunk=rollout.decode_chunk,
         kv_bucket=rollout.kv_bucket,
-        cache_sharding=cache_shardings(mesh, model.config, num_slots, rollout.max_len),
+        page_size=rollout.page_size,
+        kv_pages=num_pages,
+        cache_sharding=cache_shardings(mesh, model.config, num_pages, rollout.page_size),
     )
     try:
         return TreeSearch(

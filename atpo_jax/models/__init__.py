@@ -7,16 +7,24 @@
     models.save_pretrained(model, "/out/policy")
 
 The KV-cache API (``KVCache``, ``init_cache``, ``forward_with_cache``, ``fork_slots``,
-``reset_slots``, ``gather_slots``, ``scatter_slots``) is what the rollout engine builds on; see ``docs/models.md``.
+``reset_slots``, ``gather_slots``, ``scatter_slots``) and the paged pool (``PagedKVCache``,
+``init_paged_cache``, ``gather_pages``, ``scatter_pages``, ``copy_pages``) are what the rollout
+engine builds on; see ``docs/models.md``.
 """
 
 from atpo_jax.models.cache import (
+    NULL_PAGE,
     KVCache,
+    PagedKVCache,
+    copy_pages,
     fork_slots,
     forward_with_cache,
+    gather_pages,
     gather_slots,
     init_cache,
+    init_paged_cache,
     reset_slots,
+    scatter_pages,
     scatter_slots,
 )
 from atpo_jax.models.checkpoint import (
@@ -37,19 +45,25 @@ __all__ = [
     "ConfigError",
     "KVCache",
     "ModelConfig",
+    "NULL_PAGE",
+    "PagedKVCache",
     "RopeScaling",
     "checkpoint_dtype",
     "compute_params",
+    "copy_pages",
     "fork_slots",
     "forward_with_cache",
     "from_pretrained",
+    "gather_pages",
     "gather_slots",
     "init_cache",
+    "init_paged_cache",
     "load_tokenizer",
     "log_probs_from_hidden",
     "positions_from_mask",
     "reset_slots",
     "save_pretrained",
+    "scatter_pages",
     "scatter_slots",
     "token_log_probs",
 ]

@@ -229,3 +229,160 @@ def fork_slots(cache: KVCache, src: jax.Array, dst: jax.Array, length: jax.Array
 def reset_slots(cache: KVCache, slots: jax.Array) -> KVCache:
     """Empties [B] ``slots`` (sets their lengths to 0; the stale contents are never read)."""
     return cache.replace(lengths=cache.lengths.at[slots].set(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged KV cache: a pool of fixed-size pages shared by all sequences (the rollout engine's store).
+#
+# A sequence's cached positions live in the pages listed by its page table: position p is slot
+# ``p % page_size`` of page ``table[p // page_size]``. Sequences that share a prefix share its full
+# pages (the host keeps reference counts; see ``rollout.pages``); a page is written only by the one
+# sequence that owns it privately, so a shared page never changes. Page 0 is a null page that no
+# sequence owns: page-table entries past a sequence's pages point to it (reads there are masked by
+# the sequence's length) and writes meant for nowhere are dropped.
+#
+# A device call works on a batch-local dense copy of its rows' pages (``gather_pages``: one gather
+# per call, the XLA path's "gather per block") with the same code as the dense layout
+# (``forward_with_cache(..., slots=None)``), and writes back only the pages its new tokens touched
+# (``scatter_pages``). That keeps the per-step reads of a decode loop gather-free, as before.
+# ---------------------------------------------------------------------------------------------
+
+NULL_PAGE = 0
+
+
+@struct.dataclass
+class PagedKVCache:
+    """A pool of KV pages.
+
+    Attributes:
+      k: per layer, [num_pages, kv_heads, head_dim, page_size] keys, transposed like ``KVCache``.
+      v: per layer, [num_pages, kv_heads, page_size, head_dim] values.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def num_pages(self) -> int:
+        return self.v[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.v[0].shape[2]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    def logical_axes(self) -> PagedKVCache:
+        """Pages split like batch rows (a page can be read by any row), kv heads like heads."""
+        axes = ("batch", "kv_heads", None, None)
+        return PagedKVCache(k=tuple(axes for _ in self.k), v=tuple(axes for _ in self.v))
+
+
+def init_paged_cache(
+    config: ModelConfig, num_pages: int, page_size: int, dtype: Any = None
+) -> PagedKVCache:
+    """An empty pool of ``num_pages`` pages (page 0 is the null page) of ``page_size`` positions."""
+    if num_pages < 2 or page_size < 1:
+        raise ValueError(
+            f"a paged cache needs >= 2 pages of >= 1 position, got {num_pages} x {page_size}"
+        )
+    dtype = config.dtype if dtype is None else dtype
+    heads, dim, layers = config.num_kv_heads, config.head_dim, config.num_layers
+    return PagedKVCache(
+        k=tuple(jnp.zeros((num_pages, heads, dim, page_size), dtype) for _ in range(layers)),
+        v=tuple(jnp.zeros((num_pages, heads, page_size, dim), dtype) for _ in range(layers)),
+    )
+
+
+def gather_pages(cache: PagedKVCache, table: jax.Array, lengths: jax.Array) -> KVCache:
+    """A batch-local dense cache of the rows' pages.
+
+    Args:
+      cache: the page pool.
+      table: [B, P] int32 page ids per row (``NULL_PAGE`` past a row's pages).
+      lengths: [B] int32 cached positions per row (<= P * page_size).
+
+    Returns:
+      A ``KVCache`` of B slots and ``max_len = P * page_size`` whose slot b holds row b's positions
+      in order: ``k[l][b, :, :, p] = cache.k[l][table[b, p // S], :, :, p % S]`` (S = page size).
+    """
+    batch, pages = table.shape
+    assert lengths.shape == (batch,), (lengths.shape, batch)
+    size = cache.page_size
+    table = table.astype(jnp.int32)
+
+    def keys(k):  # [B, P, H, D, S] -> [B, H, D, P*S]
+        g = k[table]
+        return g.transpose(0, 2, 3, 1, 4).reshape(batch, g.shape[2], g.shape[3], pages * size)
+
+    def values(v):  # [B, P, H, S, D] -> [B, H, P*S, D]
+        g = v[table]
+        return g.transpose(0, 2, 1, 3, 4).reshape(batch, g.shape[2], pages * size, g.shape[4])
+
+    return KVCache(
+        k=tuple(keys(k) for k in cache.k),
+        v=tuple(values(v) for v in cache.v),
+        lengths=lengths.astype(jnp.int32),
+    )
+
+
+def scatter_pages(
+    cache: PagedKVCache,
+    local: KVCache,
+    table: jax.Array,
+    first: jax.Array,
+    last: jax.Array,
+    *,
+    count: int,
+) -> PagedKVCache:
+    """Writes pages ``first[b] .. last[b]`` (inclusive, at most ``count``) of each row of a
+    batch-local cache (from :func:`gather_pages`) back to their pool pages ``table[b, ...]``.
+
+    Only pages that a call wrote to are passed (its rows' private pages: the partial last page and
+    fresh ones), so shared pages are never rewritten. A row with ``last < first`` writes nothing.
+
+    Args:
+      cache: the page pool.
+      local: the batch-local cache, ``max_len == P * page_size``.
+      table: [B, P] int32 page ids.
+      first, last: [B] int32 page positions (indices into the row's table).
+      count: static bound on ``last - first + 1``.
+    """
+    batch, pages = table.shape
+    size = cache.page_size
+    assert local.max_len == pages * size, (local.max_len, pages, size)
+    index = first[:, None].astype(jnp.int32) + jnp.arange(count, dtype=jnp.int32)[None, :]
+    valid = (index <= last[:, None]) & (index < pages)
+    index = jnp.minimum(index, pages - 1)  # [B, W]
+    # Out-of-range page id => the scatter drops the write.
+    ids = jnp.where(
+        valid, jnp.take_along_axis(table.astype(jnp.int32), index, axis=1), cache.num_pages
+    )
+    ids = ids.reshape(-1)
+    rows = jnp.arange(batch)[:, None]
+
+    def put_keys(k, lk):  # lk [B, H, D, P*S] -> pages [B*W, H, D, S]
+        paged = lk.reshape(batch, lk.shape[1], lk.shape[2], pages, size).transpose(0, 3, 1, 2, 4)
+        return k.at[ids].set(paged[rows, index].reshape(-1, *k.shape[1:]), mode="drop")
+
+    def put_values(v, lv):  # lv [B, H, P*S, D] -> pages [B*W, H, S, D]
+        paged = lv.reshape(batch, lv.shape[1], pages, size, lv.shape[3]).transpose(0, 2, 1, 3, 4)
+        return v.at[ids].set(paged[rows, index].reshape(-1, *v.shape[1:]), mode="drop")
+
+    return PagedKVCache(
+        k=tuple(put_keys(k, lk) for k, lk in zip(cache.k, local.k, strict=True)),
+        v=tuple(put_values(v, lv) for v, lv in zip(cache.v, local.v, strict=True)),
+    )
+
+
+def copy_pages(cache: PagedKVCache, src: jax.Array, dst: jax.Array) -> PagedKVCache:
+    """Copies pages ``src[i]`` to ``dst[i]`` ([n] int32 each; the copy-on-write of a fork's last,
+    partial page). A ``dst`` equal to ``num_pages`` is dropped (padding)."""
+    src = src.astype(jnp.int32)
+    dst = dst.astype(jnp.int32)
+    return PagedKVCache(
+        k=tuple(k.at[dst].set(k[src], mode="drop") for k in cache.k),
+        v=tuple(v.at[dst].set(v[src], mode="drop") for v in cache.v),
+    )

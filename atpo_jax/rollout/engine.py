@@ -1,36 +1,50 @@
-"""The generation engine: a fixed pool of KV-cache slots that keeps every sequence's cache between turns.
+"""The generation engine: a paged KV cache that keeps every sequence's cache between turns.
 
 A tree rollout is a forest of sequences that share prefixes. The engine keeps each sequence's KV
-cache in a slot between calls, so a tool result is appended with :meth:`Engine.extend` (no prefix
-recomputation) and a branch starts with :meth:`Engine.fork` (a device copy of the prefix instead of
-a re-prefill).
+cache between calls, so a tool result is appended with :meth:`Engine.extend` (no prefix
+recomputation) and a branch starts with :meth:`Engine.fork`, which shares the prefix's full pages
+by reference count and copies at most its last, partial page (copy-on-write); nothing is
+re-prefilled and a shared prefix is stored once.
 
-Slot bookkeeping: the host keeps every slot's full token sequence. The device cache of a slot holds
+Storage: a pool of ``kv_pages`` pages of ``page_size`` positions (``models.PagedKVCache``) sized in
+tokens, not in slots x max length; each sequence has a host-side page list (``rollout.pages``
+counts references). When the pool is full, a call that needs more pages raises
+:class:`~atpo_jax.rollout.pages.KVPoolExhausted` before changing anything, or (for
+:meth:`Engine.decode_step`) leaves the rows that do not fit for a later call, so a scheduler can
+make them wait. A device call gathers its rows' pages into a batch-local dense cache once, runs the
+dense-layout code on it, and writes back only the pages its new tokens touched.
+
+Bookkeeping: the host keeps every sequence's full token list. The device cache of a sequence holds
 all of it but the last token, which stays *pending*: the next generation step feeds it and samples
-the token after it. So prefill/extend write ``tokens[:-1]``, forking a prefix of length n copies
-n - 1 cached positions, and truncating after a stop string is just a new cache length.
+the token after it. So prefill/extend write ``tokens[:-1]``, forking a prefix of length n shares
+n - 1 cached positions, and truncating after a stop string is just a shorter host length.
 
-Generation runs as a jitted ``while_loop`` on device over chunks of ``decode_chunk`` steps; between
-chunks the host reads the new tokens, checks stop strings on their decoded text and drops the tokens
-after a stop. Shapes are bucketed (batch to a power of two, prefill length to a power of two, the
-attended cache length to a multiple of ``kv_bucket``) so a run compiles a small, fixed set of
-programs; :attr:`Engine.compile_count` reports how many distinct ones an engine has used.
+Generation runs as a jitted ``while_loop`` on device over chunks of ``decode_chunk`` steps. Stop
+strings end a row inside the loop through a token-level automaton
+(``rollout.stop_automaton``), and the host re-checks the decoded text after each chunk (the
+authority where a tokenizer's pieces do not concatenate). :meth:`Engine.decode_step` runs one
+chunk for a set of rows in progress (:class:`Turn`), which is what a continuous-batching scheduler
+calls; :meth:`Engine.generate` loops it until every row is done. Shapes are bucketed (batch to a
+power of two, prefill length to a power of two, the attended cache length to a power-of-two
+multiple of ``kv_bucket``) so a run compiles a small, fixed set of programs;
+:attr:`Engine.compile_count` reports how many distinct ones an engine has used.
 
 The engine holds the model's structure (``nnx.GraphDef``) and the cache, never the weights: every
 call that runs the model takes the parameters (``params``, an ``nnx.State``), so the caller's
 training state stays their only owner and a rollout uses exactly the policy version it is given.
 Cached keys/values computed with other parameters stay as they are.
 
-On a device mesh (``cache_sharding``, see :func:`cache_shardings`) the model's
-parameters are used as they are sharded (for training: the engine is collocated with the trainer)
-and the KV-cache pool is created and kept in the given sharding: every program constrains the
-cache it returns to it, so the donated pool never changes layout between calls.
+On a device mesh (``cache_sharding``, see :func:`cache_shardings`) the model's parameters are used
+as they are sharded (for training: the engine is collocated with the trainer) and the page pool is
+created and kept in the given sharding: every program constrains the pool it returns to it, so the
+donated pool never changes layout between calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -41,27 +55,30 @@ from flax import nnx
 from atpo_jax import parallel
 from atpo_jax.kernels import token_entropy
 from atpo_jax.models import (
+    NULL_PAGE,
     CausalLM,
-    KVCache,
-    fork_slots,
+    PagedKVCache,
+    copy_pages,
     forward_with_cache,
-    gather_slots,
-    init_cache,
-    scatter_slots,
+    gather_pages,
+    init_paged_cache,
+    scatter_pages,
 )
+from atpo_jax.rollout.pages import KVPoolExhausted, PageAllocator
 from atpo_jax.rollout.sampling import SamplingParams, sample_next, sampling_logits
 from atpo_jax.rollout.stop import StopStringMatcher
+from atpo_jax.rollout.stop_automaton import StopAutomaton, token_texts_from
 
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 # Device-side finish codes.
-_RUNNING, _EOS, _LENGTH = 0, 1, 2
+_RUNNING, _EOS, _LENGTH, _STOP = 0, 1, 2, 3
 
 
 @dataclasses.dataclass
 class Generation:
-    """What one slot generated in one :meth:`Engine.generate` call.
+    """What one sequence generated in one turn (one :meth:`Engine.generate` call).
 
     Attributes:
       tokens: generated token ids, ending with the EOS token (``eos``), with the token that
@@ -79,71 +96,124 @@ class Generation:
     stop_string: str | None = None
 
 
+@dataclasses.dataclass
+class Turn:
+    """A generation in progress on one sequence: what :meth:`Engine.decode_step` advances.
+
+    Attributes:
+      slot: the sequence.
+      key: its PRNG key (the token at sequence position p is drawn with ``fold_in(key, p)``).
+      remaining: tokens it may still generate.
+      generation: what it generated so far (its ``finish_reason`` is final once ``done``).
+      done: the turn ended (EOS, stop string, budget or cache length).
+      checked: generated tokens already checked for stop strings on the host.
+      stop_state: the stop automaton's state after the generated tokens.
+    """
+
+    slot: int
+    key: jax.Array
+    remaining: int
+    generation: Generation = dataclasses.field(
+        default_factory=lambda: Generation([], [], [], FINISH_LENGTH)
+    )
+    done: bool = False
+    checked: int = 0
+    stop_state: int = 0
+
+
+@dataclasses.dataclass
+class EngineCounters:
+    """What the engine did, for the rollout's metrics (reset by the caller)."""
+
+    decode_calls: int = 0
+    row_steps_run: int = 0  # batch rows x steps executed by decode calls (padding rows included)
+    row_steps_useful: int = 0  # tokens generated by those calls
+    decode_seconds: float = 0.0
+    kv_bytes_read: float = 0.0  # cached keys/values attended over by decode steps (estimate)
+
+
 def _next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _keep_layout(cache: KVCache, cache_sharding: KVCache | None) -> KVCache:
+def _keep_layout(cache: PagedKVCache, cache_sharding: PagedKVCache | None) -> PagedKVCache:
     """The returned pool in the pool's sharding (on a mesh), so a donated pool keeps its layout."""
     if cache_sharding is None:
         return cache
     return jax.lax.with_sharding_constraint(cache, cache_sharding)
 
 
-def _prefill_program(
-    graphdef, state, cache, slots, tokens, num_tokens, *, kv_len, cache_sharding=None
-):
-    """Writes ``tokens[b, :num_tokens[b]]`` into slot ``slots[b]`` after its current length."""
-    model = nnx.merge(graphdef, state)
-    _, cache = forward_with_cache(
-        model, tokens, cache, slots, num_tokens, kv_len=kv_len, last_only=True
-    )
+def _write_back(cache, local, table, start, *, count, cache_sharding):
+    """Scatters the pages a call wrote (cached positions ``start .. local.lengths - 1``)."""
+    size = cache.page_size
+    first = start // size
+    last = jnp.where(local.lengths > start, (local.lengths - 1) // size, first - 1)
+    cache = scatter_pages(cache, local, table, first, last, count=count)
     return _keep_layout(cache, cache_sharding)
+
+
+def _prefill_program(graphdef, state, cache, table, lengths, tokens, num_tokens, *, cache_sharding):
+    """Writes ``tokens[b, :num_tokens[b]]`` after row b's ``lengths[b]`` cached positions."""
+    model = nnx.merge(graphdef, state)
+    local = gather_pages(cache, table, lengths)
+    _, local = forward_with_cache(model, tokens, local, None, num_tokens, last_only=True)
+    count = -(-tokens.shape[1] // cache.page_size) + 1
+    return _write_back(cache, local, table, lengths, count=count, cache_sharding=cache_sharding)
 
 
 def _decode_program(
     graphdef,
     state,
     cache,
-    slots,
+    table,
+    lengths,
     pending,
     active,
     budget,
     keys,
     eos_ids,
+    stop_table,
+    stop_accepts,
+    stop_state,
     *,
     steps,
-    kv_len,
     sampling,
-    cache_sharding=None,
+    cache_sharding,
 ):
-    """Up to ``steps`` decode steps for the given slots, stopping early when none is active.
+    """Up to ``steps`` decode steps for the given rows, stopping early when none is active.
 
-    Each step feeds every active slot's pending token (writing it to the cache), samples the next
+    Each step feeds every active row's pending token (writing it to the cache), samples the next
     token with the key ``fold_in(keys[b], position)`` (position = index of the new token in the
-    slot's sequence, so draws do not depend on batching or chunking) and retires slots that sampled
-    EOS, used up their budget or filled the cache.
+    row's sequence, so draws do not depend on batching, chunking or scheduling), advances the row's
+    stop automaton, and retires rows that sampled EOS, completed a stop string, used up their
+    budget or filled the attended length (the host sizes it so that only ``max_len`` does that).
 
-    Returns (cache, pending, tokens [B, steps], log_probs [B, steps], entropies [B, steps],
-    num_generated [B], finish [B]).
+    Returns (cache, tokens [B, steps], log_probs [B, steps], entropies [B, steps],
+    num_generated [B], finish [B], stop_state [B], steps executed).
     """
     model = nnx.merge(graphdef, state)
-    batch = slots.shape[0]
-    max_len = cache.max_len
-    # The loop runs on the batch's own kv_len-long copy of its slots: every step then reads its
-    # keys without gathering slots, and the pool is gathered and written back once per call.
+    batch = table.shape[0]
+    local = gather_pages(cache, table, lengths)
+    max_len = local.max_len
+    has_stops = stop_table is not None
 
     def body(carry):
-        step, local, pending, active, budget, finish, out_tok, out_lp, out_ent, count = carry
+        (
+            step,
+            local,
+            pending,
+            active,
+            budget,
+            finish,
+            stop_state,
+            out_tok,
+            out_lp,
+            out_ent,
+            count,
+        ) = carry
         position = local.lengths + 1  # index of the token about to be sampled
         logits, local = forward_with_cache(
-            model,
-            pending[:, None],
-            local,
-            None,
-            active.astype(jnp.int32),
-            kv_len=kv_len,
-            last_only=True,
+            model, pending[:, None], local, None, active.astype(jnp.int32), last_only=True
         )
         step_keys = jax.vmap(jax.random.fold_in)(keys, position)
         token, log_prob, entropy = sample_next(logits, step_keys, sampling)
@@ -153,13 +223,32 @@ def _decode_program(
         count = count + active.astype(jnp.int32)
         budget = budget - active.astype(jnp.int32)
         is_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+        if has_stops:
+            new_state = stop_table[stop_state, token]
+            is_stop = ~is_eos & (stop_accepts[new_state] >= 0)
+            stop_state = jnp.where(active, new_state, stop_state)
+        else:
+            is_stop = jnp.zeros_like(is_eos)
         # A further step needs room for one more cached position and one more sequence token.
         full = position + 1 >= max_len
         finish = jnp.where(active & is_eos, _EOS, finish)
-        finish = jnp.where(active & ~is_eos & ((budget <= 0) | full), _LENGTH, finish)
+        finish = jnp.where(active & is_stop, _STOP, finish)
+        finish = jnp.where(active & ~is_eos & ~is_stop & ((budget <= 0) | full), _LENGTH, finish)
         pending = jnp.where(active, token, pending)
         active = active & (finish == _RUNNING)
-        return step + 1, local, pending, active, budget, finish, out_tok, out_lp, out_ent, count
+        return (
+            step + 1,
+            local,
+            pending,
+            active,
+            budget,
+            finish,
+            stop_state,
+            out_tok,
+            out_lp,
+            out_ent,
+            count,
+        )
 
     def cond(carry):
         step, active = carry[0], carry[3]
@@ -168,111 +257,126 @@ def _decode_program(
     zeros_f = jnp.zeros((batch, steps), jnp.float32)
     init = (
         jnp.int32(0),
-        gather_slots(cache, slots, kv_len),
+        local,
         pending,
         active,
         budget,
         jnp.zeros((batch,), jnp.int32),
+        stop_state,
         jnp.zeros((batch, steps), jnp.int32),
         zeros_f,
         zeros_f,
         jnp.zeros((batch,), jnp.int32),
     )
-    _, local, pending, _, _, finish, tokens, log_probs, entropies, count = jax.lax.while_loop(
-        cond, body, init
+    out = jax.lax.while_loop(cond, body, init)
+    ran, local, _, _, _, finish, stop_state, tokens, log_probs, entropies, count = out
+    count_pages = -(-steps // cache.page_size) + 1
+    cache = _write_back(
+        cache, local, table, lengths, count=count_pages, cache_sharding=cache_sharding
     )
-    cache = scatter_slots(cache, local, slots)
-    return _keep_layout(cache, cache_sharding), pending, tokens, log_probs, entropies, count, finish
+    return cache, tokens, log_probs, entropies, count, finish, stop_state, ran
 
 
 def _force_program(
-    graphdef, state, cache, slots, pending, forced, active, *, kv_len, sampling, cache_sharding=None
+    graphdef, state, cache, table, lengths, pending, forced, active, *, sampling, cache_sharding
 ):
-    """One teacher-forced step: feeds each slot's pending token and scores ``forced`` as the next one.
+    """One teacher-forced step: feeds each row's pending token and scores ``forced`` as the next one.
 
     Returns (cache, log-prob [B] of the forced token under the sampling distribution, entropy [B]).
     """
     model = nnx.merge(graphdef, state)
-    logits, cache = forward_with_cache(
-        model,
-        pending[:, None],
-        cache,
-        slots,
-        active.astype(jnp.int32),
-        kv_len=kv_len,
-        last_only=True,
+    local = gather_pages(cache, table, lengths)
+    logits, local = forward_with_cache(
+        model, pending[:, None], local, None, active.astype(jnp.int32), last_only=True
     )
     dist = sampling_logits(logits, sampling)
     log_probs = jax.nn.log_softmax(dist, axis=-1)
     picked = jnp.take_along_axis(log_probs, forced[:, None], axis=-1)[:, 0]
-    return _keep_layout(cache, cache_sharding), picked, token_entropy(dist)
+    cache = _write_back(cache, local, table, lengths, count=2, cache_sharding=cache_sharding)
+    return cache, picked, token_entropy(dist)
 
 
-def _set_lengths(
-    cache: KVCache, slots: jax.Array, lengths: jax.Array, *, cache_sharding=None
-) -> KVCache:
-    return _keep_layout(cache.replace(lengths=cache.lengths.at[slots].set(lengths)), cache_sharding)
-
-
-def _fork(cache: KVCache, src, dst, length, *, cache_sharding=None) -> KVCache:
-    return _keep_layout(fork_slots(cache, src, dst, length), cache_sharding)
+def _copy_program(cache, src, dst, *, cache_sharding):
+    return _keep_layout(copy_pages(cache, src, dst), cache_sharding)
 
 
 # Module-level jitted programs: engines with the same model structure and buckets share compiled
-# code (a trainer that rebuilds its engine, or a test suite, does not recompile). The cache is
-# donated so every call updates the pool in place.
+# code (a trainer that rebuilds its engine, or a test suite, does not recompile). The pool is
+# donated so every call updates it in place.
 _PREFILL = jax.jit(
-    _prefill_program, static_argnames=("kv_len", "cache_sharding"), donate_argnames=("cache",)
+    _prefill_program, static_argnames=("cache_sharding",), donate_argnames=("cache",)
 )
 _DECODE = jax.jit(
     _decode_program,
-    static_argnames=("steps", "kv_len", "sampling", "cache_sharding"),
+    static_argnames=("steps", "sampling", "cache_sharding"),
     donate_argnames=("cache",),
 )
 _FORCE = jax.jit(
-    _force_program,
-    static_argnames=("kv_len", "sampling", "cache_sharding"),
-    donate_argnames=("cache",),
+    _force_program, static_argnames=("sampling", "cache_sharding"), donate_argnames=("cache",)
 )
-_FORK = jax.jit(_fork, static_argnames=("cache_sharding",), donate_argnums=0)
-_SET_LENGTHS = jax.jit(_set_lengths, static_argnames=("cache_sharding",), donate_argnums=0)
-_PROGRAMS = (_PREFILL, _DECODE, _FORCE, _FORK, _SET_LENGTHS)
+_COPY = jax.jit(_copy_program, static_argnames=("cache_sharding",), donate_argnums=0)
+_PROGRAMS = (_PREFILL, _DECODE, _FORCE, _COPY)
+
+# Stop automata by (tokenizer, vocabulary size, stop strings): building one reads every token's
+# text once, which engines of the same run (training and evaluation) need not repeat.
+_AUTOMATA: dict[tuple, StopAutomaton] = {}
 
 
-def cache_shardings(mesh, model_config, num_slots: int, max_len: int) -> KVCache | None:
-    """Shardings of an engine's KV-cache pool of ``num_slots`` x ``max_len`` on ``mesh``, from the
-    cache's declared logical axes (``KVCache.logical_axes``): slots split over ``("data",
-    "fsdp")`` and kv heads over ``tensor``, each only where the axis divides the dimension.
+def _stop_automaton(decode, vocab_size: int, stop_strings: Sequence[str]) -> StopAutomaton:
+    owner = getattr(decode, "__self__", decode)
+    key = (id(owner), vocab_size, tuple(stop_strings))
+    if key not in _AUTOMATA:
+        texts = token_texts_from(owner if hasattr(owner, "batch_decode") else decode, vocab_size)
+        _AUTOMATA[key] = StopAutomaton.build(texts, stop_strings)
+    return _AUTOMATA[key]
 
-    Sharding the slots divides the pool's memory by ``data * fsdp``; the price is that a batch
-    reads its slots with a masked local gather plus an all-reduce of the batch's keys and values
-    (XLA's partitioning of a gather along a sharded dimension), since a batch row may live on any
-    device; the decode loop does this once per call (``models.gather_slots``), not per step.
+
+def cache_shardings(mesh, model_config, num_pages: int, page_size: int) -> PagedKVCache | None:
+    """Shardings of an engine's page pool on ``mesh``, from the pool's declared logical axes
+    (``PagedKVCache.logical_axes``): pages split over ``("data", "fsdp")`` and kv heads over
+    ``tensor``, each only where the axis divides the dimension.
+
+    Sharding the pages divides the pool's memory by ``data * fsdp``; the price is that a call
+    reads its rows' pages with a masked local gather plus an all-reduce (XLA's partitioning of a
+    gather along a sharded dimension), once per call (``models.gather_pages``), not per step.
     ``None`` (the default placement) without a mesh or on a one-device mesh.
     """
     if mesh is None or mesh.size == 1:
         return None
-    abstract = jax.eval_shape(lambda: init_cache(model_config, num_slots, max_len))
+    abstract = jax.eval_shape(lambda: init_paged_cache(model_config, num_pages, page_size))
     return parallel.logical_shardings(mesh, abstract, abstract.logical_axes())
 
 
+def dense_equivalent_pages(num_slots: int, max_len: int, page_size: int) -> int:
+    """Pages (null page included) that hold ``num_slots`` sequences of ``max_len`` tokens: the
+    pool that never makes a chain wait, what dense per-slot caches would reserve."""
+    return num_slots * -(-max_len // page_size) + 1
+
+
 class Engine:
-    """A pool of ``num_slots`` KV-cache slots of ``max_len`` tokens each, and batched generation.
+    """Sequences in a paged KV cache, and batched generation.
 
     Args:
       model: the policy LM; only its structure is kept (an abstract model from
         ``nnx.eval_shape`` will do). The weights come with each call.
-      num_slots: number of sequences the pool holds.
+      num_slots: sequences the engine tracks at once (host bookkeeping; memory is in pages) and
+        the most rows one device call runs.
       max_len: maximum tokens per sequence (prompt + response).
       eos_token_ids: token ids that end a generation (kept as the last generated token).
       sampling: temperature / top-k / top-p settings.
       stop_strings: strings that end a generation when they appear in the decoded new text.
       decode: token ids -> text, needed when ``stop_strings`` are given (``tokenizer.decode``).
-      decode_chunk: decode steps per device call between host stop-string checks.
-      kv_bucket: granularity of the attended cache length (attention cost follows it).
+      decode_chunk: decode steps per device call between host checks.
+      kv_bucket: granularity of the attended cache length (attention cost follows it); a
+        multiple of ``page_size``.
       cache_dtype: KV-cache dtype (default: the model's compute dtype).
-      cache_sharding: a ``KVCache`` of ``jax.sharding.Sharding`` for the pool on a device mesh
-        (:func:`cache_shardings`); ``None`` = the default device.
+      cache_sharding: a ``PagedKVCache`` of ``jax.sharding.Sharding`` for the pool on a device
+        mesh (:func:`cache_shardings`); ``None`` = the default device.
+      page_size: positions per KV page.
+      kv_pages: pages in the pool, the null page included (0: :func:`dense_equivalent_pages`,
+        enough for ``num_slots`` full sequences, so nothing ever waits).
+      device_stops: end rows at stop strings inside the decode loop (else only the host's check
+        after each chunk does, and a row decodes to the chunk's end).
     """
 
     def __init__(
@@ -288,7 +392,10 @@ class Engine:
         decode_chunk: int = 32,
         kv_bucket: int = 128,
         cache_dtype=None,
-        cache_sharding: KVCache | None = None,
+        cache_sharding: PagedKVCache | None = None,
+        page_size: int = 16,
+        kv_pages: int = 0,
+        device_stops: bool = True,
     ):
         if num_slots < 1 or max_len < 2:
             raise ValueError(
@@ -300,31 +407,52 @@ class Engine:
             )
         if not eos_token_ids:
             raise ValueError("Engine: eos_token_ids must name at least one token")
+        if page_size < 1 or kv_bucket % page_size:
+            raise ValueError(
+                f"Engine: kv_bucket={kv_bucket} must be a multiple of page_size={page_size} "
+                "(rollout.kv_bucket / rollout.page_size)"
+            )
         self.num_slots = num_slots
         self.max_len = max_len
         self.sampling = sampling if sampling is not None else SamplingParams()
         self.decode_chunk = decode_chunk
         self.kv_bucket = kv_bucket
+        self.page_size = page_size
+        self.max_pages = -(-max_len // page_size)  # pages one sequence can need
+        num_pages = kv_pages or dense_equivalent_pages(num_slots, max_len, page_size)
+        if num_pages < 2:
+            raise ValueError(f"Engine: kv_pages={kv_pages} must be >= 2 (one is the null page)")
+        self.pages = PageAllocator(num_pages)
         self._eos = jnp.asarray(sorted(set(int(t) for t in eos_token_ids)), jnp.int32)
         self._matcher = StopStringMatcher(decode, stop_strings) if stop_strings else None
+        self._automaton = None
+        if stop_strings and device_stops:
+            automaton = _stop_automaton(decode, model.config.vocab_size, stop_strings)
+            self._automaton = automaton
+            self._stop_table = jnp.asarray(automaton.table)
+            self._stop_accepts = jnp.asarray(automaton.accepts)
         self._graphdef = nnx.graphdef(model)
         self.model_config = model.config
         self.cache_sharding = cache_sharding
+        make = functools.partial(init_paged_cache, model.config, num_pages, page_size, cache_dtype)
         if cache_sharding is None:
-            self.cache = init_cache(model.config, num_slots, max_len, cache_dtype)
+            self.cache = make()
         else:  # created in place, never whole on one device
-            self.cache = jax.jit(
-                lambda: init_cache(model.config, num_slots, max_len, cache_dtype),
-                out_shardings=cache_sharding,
-            )()
+            self.cache = jax.jit(make, out_shardings=cache_sharding)()
         self._seqs: list[list[int] | None] = [None] * num_slots
-        self._prefill, self._decode, self._force, self._fork, self._set_lengths = (
+        self._pages: list[list[int]] = [[] for _ in range(num_slots)]
+        self._prefill, self._decode, self._force, self._copy = (
             functools.partial(program, cache_sharding=cache_sharding) for program in _PROGRAMS
         )
         self._signatures: set[tuple] = set()  # distinct (program, shapes, static args) used
         self.prefill_tokens_computed = 0  # tokens run through the model by prefill/extend
+        self.counters = EngineCounters()
+        config = model.config
+        itemsize = jnp.dtype(cache_dtype or config.dtype).itemsize
+        self.kv_bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+        self.kv_bytes_per_token *= itemsize
 
-    # ------------------------------------------------------------------ slot management
+    # ------------------------------------------------------------------ sequences and pages
 
     @property
     def compile_count(self) -> int:
@@ -339,7 +467,7 @@ class Engine:
         return [s for s, seq in enumerate(self._seqs) if seq is None]
 
     def allocate(self, count: int) -> list[int]:
-        """Reserves ``count`` free slots (they become usable by prefill or fork)."""
+        """Reserves ``count`` free sequence slots (they become usable by prefill or fork)."""
         free = self.free_slots()
         if count > len(free):
             raise RuntimeError(
@@ -351,11 +479,10 @@ class Engine:
         return free[:count]
 
     def release(self, slots: int | Sequence[int]) -> None:
-        """Frees slots; their cache contents are dropped."""
-        slots = np.atleast_1d(slots).tolist()
-        for slot in slots:
+        """Frees sequences and drops their references on their pages."""
+        for slot in np.atleast_1d(slots).tolist():
+            self._drop_pages(slot, 0)
             self._seqs[slot] = None
-        self._reset_cache_lengths(slots)
 
     def tokens(self, slot: int) -> list[int]:
         """A copy of the slot's full token sequence."""
@@ -364,11 +491,92 @@ class Engine:
     def length(self, slot: int) -> int:
         return len(self._sequence(slot))
 
+    def page_list(self, slot: int) -> list[int]:
+        """The pool pages holding the slot's cached positions, in order."""
+        return list(self._pages[slot])
+
     def _sequence(self, slot: int) -> list[int]:
         seq = self._seqs[slot]
         if seq is None:
             raise ValueError(f"Engine: slot {slot} is not allocated")
         return seq
+
+    def _cached(self, slot: int) -> int:
+        """Cached positions of a sequence: all its tokens but the pending last one."""
+        return max(len(self._seqs[slot]) - 1, 0)
+
+    def _pages_for(self, positions: int) -> int:
+        return -(-positions // self.page_size)
+
+    def _drop_pages(self, slot: int, keep: int) -> None:
+        """Keeps the slot's first ``keep`` pages and releases the rest."""
+        pages = self._pages[slot]
+        if len(pages) > keep:
+            self.pages.release(pages[keep:])
+            del pages[keep:]
+
+    def _plan_writes(self, rows: Sequence[tuple[int, int]]) -> tuple[list, list]:
+        """Pages that rows (slot, new cached positions) need before writing: fresh pages for
+        positions past their last page, and a private copy of a last page they share (a truncated
+        fork's tail). Returns (per row the number of fresh pages, the copy-on-write list)."""
+        fresh, cow = [], []
+        for slot, new in rows:
+            cached = self._cached(slot)
+            fresh.append(max(0, self._pages_for(cached + new) - len(self._pages[slot])))
+            pages = self._pages[slot]
+            if new and cached % self.page_size and self.pages.refs(pages[-1]) > 1:
+                cow.append(slot)
+        return fresh, cow
+
+    def _reserve(self, rows: Sequence[tuple[int, int]]) -> None:
+        """Gives every row (slot, new cached positions) the pages its write needs, all or nothing
+        (:class:`KVPoolExhausted` when the pool cannot)."""
+        fresh, cow = self._plan_writes(rows)
+        total = sum(fresh) + len(cow)
+        if total > self.pages.free:
+            self.pages.waits += 1
+            raise KVPoolExhausted(
+                f"Engine: {total} KV pages needed, {self.pages.free} of {self.pages.capacity} "
+                "free; raise rollout.kv_pages"
+            )
+        for (slot, _), count in zip(rows, fresh, strict=True):
+            self._pages[slot] += self.pages.allocate(count) if count else []
+        self._copy_on_write(cow)
+
+    def _copy_on_write(self, slots: Sequence[int]) -> None:
+        """Replaces each slot's shared last page by a private copy (one device call)."""
+        if not slots:
+            return
+        fresh = self.pages.allocate(len(slots))
+        src = []
+        for slot, page in zip(slots, fresh, strict=True):
+            src.append(self._pages[slot][-1])
+            self.pages.release([self._pages[slot][-1]])
+            self._pages[slot][-1] = page
+        self._copy_device(src, fresh)
+
+    def _copy_device(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        width = _next_power_of_two(len(src))
+        pad = width - len(src)
+        self._used("copy", width)
+        self.cache = self._copy(
+            self.cache,
+            jnp.asarray(list(src) + [NULL_PAGE] * pad, jnp.int32),
+            jnp.asarray(list(dst) + [self.pages.num_pages] * pad, jnp.int32),
+        )
+
+    def _table(
+        self, slots: Sequence[int], batch: int, kv_len: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Page tables [batch, kv_len / page_size] and cached lengths [batch] of ``slots`` (padding
+        rows: the null page, length 0)."""
+        table = np.full((batch, kv_len // self.page_size), NULL_PAGE, np.int32)
+        lengths = np.zeros((batch,), np.int32)
+        for i, slot in enumerate(slots):
+            pages = self._pages[slot]
+            table[i, : len(pages)] = pages
+            lengths[i] = self._cached(slot)
+        return table, lengths
 
     # ------------------------------------------------------------------ writing tokens
 
@@ -381,15 +589,10 @@ class Engine:
     ) -> None:
         """Batched :meth:`prefill`."""
         for slot in slots:
+            self._sequence(slot)
+            self._drop_pages(slot, 0)
             self._seqs[slot] = []
-        self._reset_cache_lengths(slots)
         self.extend_many(params, slots, token_lists)
-
-    def _reset_cache_lengths(self, slots: Sequence[int]) -> None:
-        self._used("set_lengths", len(slots))
-        self.cache = self._set_lengths(
-            self.cache, jnp.asarray(slots, jnp.int32), jnp.zeros(len(slots), jnp.int32)
-        )
 
     def extend(self, params, slot: int, tokens: Sequence[int]) -> None:
         """Appends ``tokens`` (e.g. a tool result) without recomputing the slot's prefix."""
@@ -398,7 +601,8 @@ class Engine:
     def extend_many(
         self, params, slots: Sequence[int], token_lists: Sequence[Sequence[int]]
     ) -> None:
-        """Batched :meth:`extend`: one bucketed device call for all slots."""
+        """Batched :meth:`extend`: one bucketed device call for all slots. Raises
+        :class:`KVPoolExhausted` (changing nothing) when the pool cannot hold the new tokens."""
         if len(slots) != len(token_lists) or len(set(slots)) != len(slots):
             raise ValueError("extend_many: need one token list per slot and distinct slots")
         writes = []
@@ -412,66 +616,86 @@ class Engine:
                 )
             # The previously pending token and all new tokens but the last go into the cache.
             writes.append((seq[-1:] + new)[:-1] if new else [])
-            seq.extend(new)
         rows = [(s, w) for s, w in zip(slots, writes, strict=True) if w]
+        self._reserve([(s, len(w)) for s, w in rows])
+        for slot, new in zip(slots, token_lists, strict=True):
+            self._seqs[slot].extend(int(t) for t in new)
         if not rows:
             return
         width = _next_power_of_two(max(len(w) for _, w in rows), minimum=16)
         batch = self._batch_bucket(len(rows))
-        row_slots = self._padded_slots([s for s, _ in rows], batch)
         tokens = np.zeros((batch, width), np.int32)
         counts = np.zeros((batch,), np.int32)
         for i, (_, w) in enumerate(rows):
             tokens[i, : len(w)] = w
             counts[i] = len(w)
-        longest = max(len(self._seqs[s]) for s, _ in rows)
-        kv_len = self.attended_length(longest)
+        kv_len = self.attended_length(max(len(self._seqs[s]) for s, _ in rows))
+        table, lengths = self._table([s for s, _ in rows], batch, kv_len)
+        lengths[: len(rows)] -= counts[: len(rows)]  # cached before this write
         self._used("prefill", batch, width, kv_len)
         self.cache = self._prefill(
             self._graphdef,
             params,
             self.cache,
-            jnp.asarray(row_slots),
+            jnp.asarray(table),
+            jnp.asarray(lengths),
             jnp.asarray(tokens),
             jnp.asarray(counts),
-            kv_len=kv_len,
         )
         self.prefill_tokens_computed += int(counts.sum())
 
     def fork(self, src: int, dst: int, length: int) -> None:
-        """Makes ``dst`` a copy of the first ``length`` tokens of ``src`` (a device copy, no compute)."""
+        """Makes ``dst`` a copy of the first ``length`` tokens of ``src``: the prefix's full pages
+        are shared, its last partial page is copied."""
         self.fork_many([src], [dst], [length])
 
     def fork_many(self, srcs: Sequence[int], dsts: Sequence[int], lengths: Sequence[int]) -> None:
-        """Batched :meth:`fork`."""
+        """Batched :meth:`fork` (one device copy for all partial pages). Raises
+        :class:`KVPoolExhausted` (changing nothing) when the pool lacks the copies' pages."""
         if len(set(dsts)) != len(dsts):
             raise ValueError("fork_many: destination slots must be distinct")
-        prefixes = []
-        for src, length in zip(srcs, lengths, strict=True):
+        prefixes, partial = [], []
+        for src, dst, length in zip(srcs, dsts, lengths, strict=True):
             seq = self._sequence(src)
+            self._sequence(dst)
             if not 1 <= length <= len(seq):
                 raise ValueError(f"fork: length {length} outside [1, {len(seq)}] for slot {src}")
+            if dst in srcs and dst != src:
+                raise ValueError("fork_many: a destination cannot also be another fork's source")
             prefixes.append(seq[:length])
-        for dst, prefix in zip(dsts, prefixes, strict=True):
+            partial.append((length - 1) % self.page_size != 0)
+        needed = sum(partial)
+        if needed > self.pages.free:
+            self.pages.waits += 1
+            raise KVPoolExhausted(
+                f"Engine: forks need {needed} KV pages, {self.pages.free} free; raise rollout.kv_pages"
+            )
+        copies_src, copies_dst, new_pages = [], [], []
+        for src, length, copy in zip(srcs, lengths, partial, strict=True):
+            cached = length - 1
+            full = self._pages[src][: cached // self.page_size]
+            self.pages.share(full)
+            pages = list(full)
+            if copy:
+                (page,) = self.pages.allocate(1)
+                copies_src.append(self._pages[src][cached // self.page_size])
+                copies_dst.append(page)
+                pages.append(page)
+            new_pages.append(pages)
+        for dst, prefix, pages in zip(dsts, prefixes, new_pages, strict=True):
+            self._drop_pages(dst, 0)
             self._seqs[dst] = list(prefix)
-        self._used("fork", len(dsts))
-        self.cache = self._fork(
-            self.cache,
-            jnp.asarray(srcs, jnp.int32),
-            jnp.asarray(dsts, jnp.int32),
-            jnp.asarray(lengths, jnp.int32) - 1,
-        )
+            self._pages[dst] = pages
+        if copies_src:
+            self._copy_device(copies_src, copies_dst)
 
     def truncate(self, slot: int, length: int) -> None:
-        """Drops the slot's tokens after the first ``length`` (>= 1)."""
+        """Drops the slot's tokens after the first ``length`` (>= 1) and the pages past them."""
         seq = self._sequence(slot)
         if not 1 <= length <= len(seq):
             raise ValueError(f"truncate: length {length} outside [1, {len(seq)}] for slot {slot}")
         del seq[length:]
-        self._used("set_lengths", 1)
-        self.cache = self._set_lengths(
-            self.cache, jnp.asarray([slot], jnp.int32), jnp.asarray([length - 1], jnp.int32)
-        )
+        self._drop_pages(slot, self._pages_for(self._cached(slot)))
 
     def force(
         self, params, slots: Sequence[int], tokens: Sequence[int]
@@ -490,25 +714,25 @@ class Engine:
                 raise ValueError(f"force: slot {slot} is empty; prefill it first")
             if len(self._seqs[slot]) >= self.max_len:
                 raise ValueError(f"force: slot {slot} is full (max_len {self.max_len})")
+        self._reserve([(s, 1) for s in slots])
         batch = self._batch_bucket(len(slots))
-        row_slots = self._padded_slots(slots, batch)
         pending = np.zeros((batch,), np.int32)
         forced = np.zeros((batch,), np.int32)
         active = np.zeros((batch,), bool)
         for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
             pending[i], forced[i], active[i] = self._seqs[slot][-1], int(token), True
-        longest = max(len(self._seqs[s]) for s in slots)
-        kv_len = self.attended_length(longest + 1)
+        kv_len = self.attended_length(max(len(self._seqs[s]) for s in slots) + 1)
+        table, lengths = self._table(slots, batch, kv_len)
         self._used("force", batch, kv_len, self.sampling)
         self.cache, log_probs, entropies = self._force(
             self._graphdef,
             params,
             self.cache,
-            jnp.asarray(row_slots),
+            jnp.asarray(table),
+            jnp.asarray(lengths),
             jnp.asarray(pending),
             jnp.asarray(forced),
             jnp.asarray(active),
-            kv_len=kv_len,
             sampling=self.sampling,
         )
         log_probs, entropies = jax.device_get((log_probs, entropies))
@@ -519,6 +743,14 @@ class Engine:
         ]
 
     # ------------------------------------------------------------------ generation
+
+    def start_turn(self, slot: int, budget: int, key: jax.Array) -> Turn:
+        """A :class:`Turn` that generates up to ``budget`` tokens on ``slot`` with ``key``."""
+        if not self._sequence(slot):
+            raise ValueError(f"generate: slot {slot} is empty; prefill it first")
+        turn = Turn(slot=int(slot), key=key, remaining=int(budget))
+        turn.done = turn.remaining <= 0 or len(self._seqs[slot]) >= self.max_len
+        return turn
 
     def generate(
         self, params, slots: Sequence[int], budgets: Sequence[int], rng: jax.Array
@@ -541,85 +773,130 @@ class Engine:
         if len(set(slots)) != len(slots) or len(budgets) != len(slots):
             raise ValueError("generate: need distinct slots and one budget per slot")
         keys = self._slot_keys(rng, len(slots))
-        results = {s: Generation([], [], [], FINISH_LENGTH) for s in slots}
-        checked = dict.fromkeys(slots, 0)
-        remaining = {}
-        for slot, budget in zip(slots, budgets, strict=True):
-            if not self._sequence(slot):
-                raise ValueError(f"generate: slot {slot} is empty; prefill it first")
-            if budget > 0 and len(self._seqs[slot]) < self.max_len:
-                remaining[slot] = int(budget)
-        key_of = dict(zip(slots, keys, strict=True))
-        while remaining:
-            active = list(remaining)
-            batch = self._batch_bucket(len(active))
-            row_slots = self._padded_slots(active, batch)
-            pending = np.zeros((batch,), np.int32)
-            budget = np.zeros((batch,), np.int32)
-            is_active = np.zeros((batch,), bool)
-            row_keys = jnp.stack(
-                [key_of[s] for s in active] + [key_of[active[0]]] * (batch - len(active))
-            )
-            for i, slot in enumerate(active):
-                pending[i] = self._seqs[slot][-1]
-                budget[i] = remaining[slot]
-                is_active[i] = True
-            steps = self.decode_chunk
-            longest = max(len(self._seqs[s]) for s in active)
-            kv_len = self.attended_length(longest + steps)
-            self._used("decode", batch, steps, kv_len, self.sampling)
-            self.cache, _, tok, lp, ent, count, finish = self._decode(
-                self._graphdef,
-                params,
-                self.cache,
-                jnp.asarray(row_slots),
-                jnp.asarray(pending),
-                jnp.asarray(is_active),
-                jnp.asarray(budget),
-                row_keys,
-                self._eos,
-                steps=steps,
-                kv_len=kv_len,
-                sampling=self.sampling,
-            )
-            tok, lp, ent, count, finish = jax.device_get((tok, lp, ent, count, finish))
-            truncations = []
-            for i, slot in enumerate(active):
-                n = int(count[i])
-                result = results[slot]
-                result.tokens += tok[i, :n].tolist()
-                result.log_probs += lp[i, :n].tolist()
-                result.entropies += ent[i, :n].tolist()
-                self._seqs[slot].extend(tok[i, :n].tolist())
-                remaining[slot] -= n
-                stop = (
-                    self._matcher.first_stop(result.tokens, checked[slot])
-                    if self._matcher
-                    else None
+        turns = [self.start_turn(s, b, k) for s, b, k in zip(slots, budgets, keys, strict=True)]
+        while True:
+            waiting = [t for t in turns if not t.done]
+            if not waiting:
+                break
+            if not self.decode_step(params, waiting):
+                raise KVPoolExhausted(
+                    f"Engine: no row fits the KV pool ({self.pages.free} of "
+                    f"{self.pages.capacity} pages free); raise rollout.kv_pages"
                 )
-                checked[slot] = len(result.tokens)
-                if stop is not None:
-                    keep, string = stop
-                    dropped = len(result.tokens) - keep
-                    del result.tokens[keep:], result.log_probs[keep:], result.entropies[keep:]
-                    if dropped:
-                        del self._seqs[slot][len(self._seqs[slot]) - dropped :]
-                        truncations.append(slot)
-                    result.finish_reason, result.stop_string = FINISH_STOP, string
-                    del remaining[slot]
-                elif finish[i] == _EOS:
-                    result.finish_reason = FINISH_EOS
-                    del remaining[slot]
-                elif finish[i] == _LENGTH or remaining[slot] <= 0:
-                    del remaining[slot]
-            if truncations:
-                self._used("set_lengths", len(truncations))
-                self.cache = self._set_lengths(
-                    self.cache,
-                    jnp.asarray(truncations, jnp.int32),
-                    jnp.asarray([len(self._seqs[s]) - 1 for s in truncations], jnp.int32),
-                )
-        return [results[s] for s in slots]
+        return [t.generation for t in turns]
+
+    def decode_step(self, params, turns: Sequence[Turn]) -> list[Turn]:
+        """One chunk of up to ``decode_chunk`` decode steps for unfinished ``turns``.
+
+        Rows are taken in order while the pool has pages for their chunk (at most ``num_slots``
+        rows); the others are left as they are for a later call. Each row's new tokens are
+        appended to its sequence and its :class:`Turn` (``done`` when it ended).
+
+        Returns the turns that ran (empty when not even the first fits the pool).
+        """
+        steps = self.decode_chunk
+        batch_rows: list[Turn] = []
+        for turn in turns:
+            if turn.done:
+                raise ValueError(f"decode_step: the turn of slot {turn.slot} is already done")
+            if len(batch_rows) == self.num_slots:
+                break
+            new = min(steps, turn.remaining, self.max_len - len(self._seqs[turn.slot]))
+            try:
+                self._reserve([(turn.slot, new)])
+            except KVPoolExhausted:
+                continue
+            batch_rows.append(turn)
+        if not batch_rows:
+            return []
+        clock = time.perf_counter()
+        batch = self._batch_bucket(len(batch_rows))
+        pending = np.zeros((batch,), np.int32)
+        budget = np.zeros((batch,), np.int32)
+        is_active = np.zeros((batch,), bool)
+        stop_state = np.zeros((batch,), np.int32)
+        keys = [t.key for t in batch_rows] + [batch_rows[0].key] * (batch - len(batch_rows))
+        for i, turn in enumerate(batch_rows):
+            pending[i] = self._seqs[turn.slot][-1]
+            budget[i] = turn.remaining
+            is_active[i] = True
+            stop_state[i] = turn.stop_state
+        longest = max(len(self._seqs[t.slot]) for t in batch_rows)
+        kv_len = self.attended_length(min(longest + steps, self.max_len))
+        slots = [t.slot for t in batch_rows]
+        table, lengths = self._table(slots, batch, kv_len)
+        # Rows whose sequences are shorter than the attended length stop at max_len via
+        # their budget: the attended length bounds the loop only for the longest rows.
+        budget[: len(batch_rows)] = np.minimum(
+            budget[: len(batch_rows)],
+            self.max_len - np.asarray([len(self._seqs[s]) for s in slots]),
+        )
+        has_stops = self._automaton is not None
+        self._used("decode", batch, steps, kv_len, self.sampling, has_stops)
+        out = self._decode(
+            self._graphdef,
+            params,
+            self.cache,
+            jnp.asarray(table),
+            jnp.asarray(lengths),
+            jnp.asarray(pending),
+            jnp.asarray(is_active),
+            jnp.asarray(budget),
+            jnp.stack(keys),
+            self._eos,
+            self._stop_table if has_stops else None,
+            self._stop_accepts if has_stops else None,
+            jnp.asarray(stop_state),
+            steps=steps,
+            sampling=self.sampling,
+        )
+        self.cache = out[0]
+        tok, lp, ent, count, finish, stop_state, ran = jax.device_get(out[1:])
+        counters = self.counters
+        counters.decode_calls += 1
+        counters.row_steps_run += batch * int(ran)
+        counters.row_steps_useful += int(count[: len(batch_rows)].sum())
+        counters.kv_bytes_read += (
+            float(sum(int(lengths[i]) * int(count[i]) for i in range(len(batch_rows))))
+            * self.kv_bytes_per_token
+        )
+        for i, turn in enumerate(batch_rows):
+            turn.stop_state = int(stop_state[i])
+            self._finish_chunk(turn, tok[i], lp[i], ent[i], int(count[i]), int(finish[i]))
+        for turn in batch_rows:  # pages reserved for tokens that were not generated
+            self._drop_pages(turn.slot, self._pages_for(self._cached(turn.slot)))
+        counters.decode_seconds += time.perf_counter() - clock
+        return batch_rows
+
+    def _finish_chunk(self, turn: Turn, tok, lp, ent, n: int, finish: int) -> None:
+        """Appends a chunk's tokens to the turn and its sequence; ends the turn at EOS, at a stop
+        string (the host's decoded-text check is the authority), budget or length."""
+        result, seq = turn.generation, self._seqs[turn.slot]
+        result.tokens += tok[:n].tolist()
+        result.log_probs += lp[:n].tolist()
+        result.entropies += ent[:n].tolist()
+        seq.extend(tok[:n].tolist())
+        turn.remaining -= n
+        stop = self._matcher.first_stop(result.tokens, turn.checked) if self._matcher else None
+        turn.checked = len(result.tokens)
+        if stop is not None:
+            keep, string = stop
+            dropped = len(result.tokens) - keep
+            del result.tokens[keep:], result.log_probs[keep:], result.entropies[keep:]
+            if dropped:
+                del seq[len(seq) - dropped :]
+            result.finish_reason, result.stop_string = FINISH_STOP, string
+            turn.done = True
+        elif finish == _EOS:
+            result.finish_reason = FINISH_EOS
+            turn.done = True
+        elif finish == _LENGTH or turn.remaining <= 0 or len(seq) >= self.max_len:
+            turn.done = True
+        elif finish == _STOP:
+            # The automaton saw a stop string the decoded text does not contain (the tokenizer's
+            # pieces do not concatenate): the host check is the authority, so the row goes on,
+            # with the automaton restarted (its stopped states are absorbing).
+            turn.stop_state = 0
 
     # ------------------------------------------------------------------ buckets
 
@@ -634,15 +911,10 @@ class Engine:
         return list(rng)
 
     def _batch_bucket(self, rows: int) -> int:
-        return min(_next_power_of_two(rows), self.num_slots)
-
-    def _padded_slots(self, slots: Sequence[int], batch: int) -> np.ndarray:
-        """The given slots followed by distinct unused slot ids for the padding rows."""
-        taken = set(slots)
-        spare = [s for s in range(self.num_slots) if s not in taken][: batch - len(slots)]
-        return np.asarray(list(slots) + spare, np.int32)
+        return min(_next_power_of_two(rows), max(self.num_slots, rows))
 
     def attended_length(self, length: int) -> int:
-        """Attended cache length for sequences up to ``length``: a power-of-two multiple of kv_bucket."""
+        """Attended cache length for sequences up to ``length``: a power-of-two multiple of
+        kv_bucket, at most a sequence's page capacity."""
         blocks = _next_power_of_two(-(-length // self.kv_bucket))
-        return min(blocks * self.kv_bucket, self.max_len)
+        return min(blocks * self.kv_bucket, self.max_pages * self.page_size)

@@ -55,9 +55,16 @@ class RolloutSettings:
       tool_failure: ``leaf`` (end the chain) or ``error_text`` (insert a failure note, continue).
       tool_workers: concurrent tool calls.
       temperature, top_p, top_k: sampling (temperature 0 = greedy; top_k 0 and top_p 1 = off).
-      num_slots: KV-cache sequences of the engine; trees run in waves that fit.
-      decode_chunk: decode steps per device call between host stop-string checks.
-      kv_bucket: granularity of the attended cache length (attention cost follows it).
+      num_slots: sequences the engine tracks at once (prompts, chains, finished chains of live
+        trees) and the most rows of one decode call; trees are admitted while they fit.
+      decode_chunk: decode steps per device call between host checks (stop strings end rows
+        inside the call; the scheduler refills the batch between calls).
+      kv_bucket: granularity of the attended cache length (attention cost follows it); a
+        multiple of ``page_size``.
+      page_size: positions per KV-cache page (shared prefixes are shared page by page).
+      kv_pages: pages in the engine's KV pool, the pool's size in tokens divided by
+        ``page_size`` (0: enough for ``num_slots`` full sequences, so nothing waits; set it to
+        what the device memory holds, see docs/rollout.md). When it is full, chains wait.
       trace_every: write an HTML/JSONL tree trace every k training steps (0: never).
     """
 
@@ -82,6 +89,8 @@ class RolloutSettings:
     num_slots: int = 256
     decode_chunk: int = 32
     kv_bucket: int = 256
+    page_size: int = 16
+    kv_pages: int = 0
     trace_every: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +104,7 @@ class RolloutSettings:
             "num_slots",
             "decode_chunk",
             "kv_bucket",
+            "page_size",
         ):
             check(
                 getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}"
@@ -106,6 +116,7 @@ class RolloutSettings:
             "observation_margin",
             "top_k",
             "trace_every",
+            "kv_pages",
         ):
             check(
                 getattr(self, name) >= 0, f"rollout.{name} must be >= 0, got {getattr(self, name)}"
@@ -118,6 +129,15 @@ class RolloutSettings:
         check(
             math.isfinite(self.expansion_penalty),
             f"rollout.expansion_penalty must be a finite number, got {self.expansion_penalty}",
+        )
+        check(
+            self.kv_bucket % self.page_size == 0,
+            f"rollout.kv_bucket={self.kv_bucket} must be a multiple of rollout.page_size="
+            f"{self.page_size}",
+        )
+        check(
+            self.kv_pages == 0 or self.kv_pages >= 2,
+            f"rollout.kv_pages={self.kv_pages} must be 0 (dense-equivalent) or >= 2",
         )
         check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         # The tree search keeps one slot for the prompt plus one per chain of a tree.

@@ -25,8 +25,18 @@ class RolloutStats:
     call_limit_hits: int = 0
     truncated: int = 0
     generate_seconds: float = 0.0
-    tool_seconds: float = 0.0
+    tool_seconds: float = 0.0  # wall time during which at least one tool call ran
     picks_by_depth: Counter = dataclasses.field(default_factory=Counter)
+    # The scheduler's and the engine's figures (rollout/decode_occupancy and the kv_* metrics).
+    row_steps_run: int = 0
+    row_steps_useful: int = 0
+    kv_bytes_read: float = 0.0
+    kv_tokens_peak: int = 0
+    kv_tokens_dense: int = 0
+    kv_pool_waits: int = 0
+    preemptions: int = 0
+    tool_overlap_seconds: float = 0.0
+    wall_seconds: float = 0.0
 
 
 def rollout_metrics(trees: Sequence[Tree], rows: Sequence[RowInfo], stats: RolloutStats) -> dict:
@@ -47,6 +57,16 @@ def rollout_metrics(trees: Sequence[Tree], rows: Sequence[RowInfo], stats: Rollo
         "rollout/generate_calls": float(stats.generate_calls),
         "time/generate_s": stats.generate_seconds,
         "time/tools_s": stats.tool_seconds,
+        "rollout/decode_occupancy": stats.row_steps_useful / max(stats.row_steps_run, 1),
+        "rollout/kv_tokens_peak": float(stats.kv_tokens_peak),
+        "rollout/kv_tokens_dense_equivalent": float(stats.kv_tokens_dense),
+        "rollout/kv_pool_waits": float(stats.kv_pool_waits),
+        "rollout/preemptions": float(stats.preemptions),
+        # Fraction of tool wall time during which the device decoded (1 when no tool ran).
+        "rollout/tool_overlap": stats.tool_overlap_seconds / stats.tool_seconds
+        if stats.tool_seconds > 0
+        else 1.0,
+        "rollout/decode_kv_bytes_per_s": stats.kv_bytes_read / max(stats.generate_seconds, 1e-9),
     }
     for depth, count in sorted(leaf_depth_histogram(trees).items()):
         metrics[f"rollout/leaf_depth_{depth}"] = float(count)
@@ -59,6 +79,15 @@ def leaf_depth_histogram(trees: Sequence[Tree]) -> Counter:
     return Counter(t.nodes[i].depth for t in trees for i in t.leaves())
 
 
+_MEAN_RATIOS = frozenset(
+    {
+        "rollout/decode_occupancy",
+        "rollout/tool_overlap",
+        "rollout/decode_kv_bytes_per_s",
+    }
+)
+
+
 def _combine_rule(key: str) -> str:
     """How a ``rollout/*`` or ``time/*`` metric of several processes combines into the run's."""
     if key.startswith("time/") or key.endswith("_max"):
@@ -67,6 +96,8 @@ def _combine_rule(key: str) -> str:
         return "mean"  # every process holds the same number of trees and rows
     if key == "rollout/generate_calls":
         return "max"  # processes generate concurrently
+    if key in _MEAN_RATIOS:
+        return "mean"  # ratios and rates of processes that run the same workload
     return "sum"  # counters and histograms
 
 

@@ -24,8 +24,10 @@ so a rollout is reproducible and a tree does not depend on which other trees sha
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import enum
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +37,7 @@ import numpy as np
 
 from atpo_jax import kernels
 from atpo_jax.rollout import turn_rules
-from atpo_jax.rollout.engine import Engine, Generation
+from atpo_jax.rollout.engine import Engine, EngineCounters, Generation, Turn
 from atpo_jax.rollout.pack import (
     NodeOrder,
     RowArrays,
@@ -44,6 +46,7 @@ from atpo_jax.rollout.pack import (
     pack_rollout,
     pack_trees,
 )
+from atpo_jax.rollout.pages import KVPoolExhausted
 from atpo_jax.rollout.settings import EntropyEstimator, ExpansionMode, RolloutSettings
 from atpo_jax.rollout.stats import RolloutStats, rollout_metrics
 from atpo_jax.rollout.tree import Node, Tree, fix_leaf_count
@@ -159,9 +162,7 @@ class TreeSearch:
                     f"prompt {tree.tree_id} has {len(tree.prompt)} tokens > rollout.max_prompt_len="
                     f"{self.settings.max_prompt_len}"
                 )
-        wave = max(1, self.engine.num_slots // self.slots_per_tree)
-        for start in range(0, len(trees), wave):
-            _Wave(self, params, step, stats).run(trees[start : start + wave])
+        _Scheduler(self, params, step, stats).run(trees)
         for tree in trees:
             fix_leaf_count(tree, self.settings.samples_per_tree, self.tree_rng(step, tree, "prune"))
         return trees, stats
@@ -211,81 +212,454 @@ class TreeSearch:
         return self._encode_cache[text]
 
 
-class _Wave:
-    """One wave of trees: their slots, their growth, and the slots' release."""
+class _State(enum.Enum):
+    READY = "ready"  # decoding (or about to): has a Turn in progress
+    TOOL = "tool"  # waiting for its tool call
+    WRITE = "write"  # inserted tokens (observation, warning, forced EOS) to write to the cache
+    DONE = "done"  # its leaf is final
+
+
+@dataclasses.dataclass(eq=False)
+class _Chain(Chain):
+    """A growing chain with the scheduler's state."""
+
+    run: _TreeRun | None = None
+    ordinal: int = 0  # position among the chains its phase started
+    base_key: Any = None
+    turn_index: int = 0  # nodes the chain created before its current one
+    state: _State = _State.READY
+    turn: Turn | None = None
+    write: list[int] | None = None
+    force_eos: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _TreeRun:
+    """A tree being grown: its sequences, its phase, and its chains."""
+
+    tree: Tree
+    slots: list[int]
+    phase: int = 0  # 0: initial chains; r + 1: expansion round r
+    phase_start: int = 1  # first node index created in the current phase
+    chains: list[_Chain] = dataclasses.field(default_factory=list)
+    next_slot: int = 1  # slots[0] holds the prompt
+    order: dict = dataclasses.field(default_factory=dict)  # id(node) -> (turn, ordinal)
+
+    def take_slot(self) -> int:
+        self.next_slot += 1
+        return self.slots[self.next_slot - 1]
+
+
+class _Scheduler:
+    """Grows all trees of a rollout with one continuously refilled decode batch.
+
+    A chain leaves the batch when its turn ends; its tool call runs on the tool pool while the other
+    chains decode, and when the result returns it is written to the cache (extend) and the chain
+    rejoins. A tree's next expansion round starts as soon as that tree's chains are done, and new
+    trees are admitted as sequences and KV pages allow. When the KV pool is full and nothing can
+    move, the most recently admitted tree is preempted (its pages freed) and regrown later.
+
+    Determinism: a node's key is ``fold_in(fold_in(fold_in(tree key, phase), chain ordinal),
+    turn)``, known when the node starts and independent of scheduling; tool results depend only on
+    their queries; and when a tree's phase ends its new nodes are renumbered in (turn, ordinal)
+    order, so the trees do not depend on pool size, batch composition or tool timing.
+    """
 
     def __init__(self, search: TreeSearch, params: Any, step: int, stats: RolloutStats):
         self.search, self.engine, self.settings = search, search.engine, search.settings
         self.params, self.step, self.stats = params, step, stats
         self.slot_of: dict[int, int] = {}  # id(node) -> the slot holding its prefix
-        self.allocated: list[int] = []
-
-    def _allocate(self, count: int) -> list[int]:
-        slots = self.engine.allocate(count)
-        self.allocated += slots
-        return slots
-
-    def _chain(self, tree: Tree, node: Node, slot: int) -> Chain:
-        self.slot_of[id(node)] = slot
-        return Chain(tree, node, slot)
+        self.live: list[_TreeRun] = []
+        self.tools: dict[concurrent.futures.Future, tuple[_Chain, float]] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            self.settings.tool_workers, thread_name_prefix="rollout-tool"
+        )
+        self.tool_intervals: list[tuple[float, float]] = []
+        self.decode_intervals: list[tuple[float, float]] = []
+        self.tool_started: dict[concurrent.futures.Future, float] = {}
+        self.live_slots_peak = 0
 
     def run(self, trees: list[Tree]) -> None:
+        queue = collections.deque(trees)
+        engine = self.engine
+        engine.pages.reset_peak()
+        counters_before = dataclasses.replace(engine.counters)
+        started = time.perf_counter()
+        try:
+            while queue or self.live:
+                moved = self._admit(queue)
+                moved |= self._collect_tools(block=False)
+                moved |= self._write()
+                moved |= self._barriers()
+                if self._decode():
+                    continue
+                if self.tools:
+                    self._collect_tools(block=True)
+                elif not moved:
+                    self._preempt(queue)
+        finally:
+            # Do not wait for stuck calls: their threads finish (or time out) on their own.
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self._record(counters_before, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit(self, queue: collections.deque) -> bool:
+        """Starts queued trees while sequences and KV pages allow (always one when none is live)."""
         engine, settings = self.engine, self.settings
-        root_slots = self._allocate(len(trees))
-        engine.prefill_many(self.params, root_slots, [t.prompt for t in trees])
-        active: list[Chain] = []
-        srcs, dsts, lengths = [], [], []
-        chain_slots = iter(self._allocate(len(trees) * settings.initial_chains))
-        for tree, root_slot in zip(trees, root_slots, strict=True):
-            self.slot_of[id(tree.root)] = root_slot
-            for _ in range(settings.initial_chains):
-                chain = self._chain(tree, tree.add_child(0, depth=0), next(chain_slots))
-                srcs.append(root_slot)
+        per_tree = self.search.slots_per_tree
+        admitted = []
+        free_pages = engine.pages.free
+        free_slots = len(engine.free_slots())
+        while queue and free_slots >= per_tree:
+            tree = queue[0]
+            need = self._admission_pages(tree)
+            if (self.live or admitted) and need > free_pages:
+                break
+            queue.popleft()
+            admitted.append(tree)
+            free_pages -= need
+            free_slots -= per_tree
+        if not admitted:
+            return False
+        runs = [_TreeRun(tree, engine.allocate(per_tree)) for tree in admitted]
+        try:
+            engine.prefill_many(
+                self.params, [r.slots[0] for r in runs], [t.prompt for t in admitted]
+            )
+        except KVPoolExhausted as e:
+            for run in runs:
+                engine.release(run.slots)
+            if self.live:  # wait for live trees to free pages
+                queue.extendleft(reversed(admitted))
+                return False
+            raise KVPoolExhausted(
+                f"the KV pool cannot hold one prompt: {e}; raise rollout.kv_pages"
+            ) from e
+        chains, srcs, dsts, lengths = [], [], [], []
+        for run in runs:
+            tree = run.tree
+            self.slot_of[id(tree.root)] = run.slots[0]
+            for ordinal in range(settings.initial_chains):
+                chain = self._new_chain(run, tree.add_child(0, depth=0), ordinal)
+                srcs.append(run.slots[0])
                 dsts.append(chain.slot)
                 lengths.append(len(tree.prompt))
-                active.append(chain)
-        engine.fork_many(srcs, dsts, lengths)
-        self._grow(active)
-        for round_ in range(settings.rounds):
-            self._grow(self._expand(trees, round_))
-        engine.release(self.allocated)
+                chains.append(chain)
+            self.live.append(run)
+        engine.fork_many(srcs, dsts, lengths)  # partial prompt pages: reserved by admission
+        for chain in chains:
+            self._ready(chain)
+        self.live_slots_peak = max(
+            self.live_slots_peak, engine.num_slots - len(engine.free_slots())
+        )
+        return True
 
-    # ------------------------------------------------------------------ expansion
+    def _admission_pages(self, tree: Tree) -> int:
+        """Pages a tree needs to start: its prompt, one partial page and one chunk per chain."""
+        engine = self.engine
+        chunk = -(-engine.decode_chunk // engine.page_size) + 1
+        prompt = -(-len(tree.prompt) // engine.page_size)
+        return prompt + self.settings.initial_chains * (1 + chunk)
 
-    def _expand(self, trees: list[Tree], round_: int) -> list[Chain]:
-        """Picks ``beam_size`` nodes per tree and creates one re-sampling branch per pick."""
-        picks_per_tree = self._pick(trees, round_)
-        active, srcs, dsts, lengths = [], [], [], []
-        new_slots = iter(self._allocate(sum(len(p) for p in picks_per_tree)))
-        for tree, picks in zip(trees, picks_per_tree, strict=True):
-            tree.picks.append(list(picks))
-            tree.round_sizes.append(len(tree.nodes))
-            for index in picks:
-                picked = tree.nodes[index]
-                self.stats.picks_by_depth[picked.depth] += 1
-                # The branch is a sibling of the pick (a fresh chain when the pick is the root) that
-                # keeps the pick's observation and re-samples its whole turn.
-                parent = tree.root if index == 0 else tree.nodes[picked.parent]
-                obs = picked.tokens[: picked.obs_len]
-                branch = tree.add_child(
-                    parent.index,
-                    depth=picked.depth,
-                    obs_len=len(obs),
-                    calls_at_start=picked.calls_at_start,
-                    calls_made=picked.calls_at_start,
-                    entropy=picked.entropy,
-                    start=parent.end,
-                    piece_start=len(obs),
-                    branch_of=index,
+    def _new_chain(self, run: _TreeRun, node: Node, ordinal: int) -> _Chain:
+        tree_key = self.search._tree_key(self.step, run.tree)
+        base = jax.random.fold_in(jax.random.fold_in(tree_key, run.phase), ordinal)
+        chain = _Chain(run.tree, node, run.take_slot(), run=run, ordinal=ordinal, base_key=base)
+        self.slot_of[id(node)] = chain.slot
+        run.order[id(node)] = (0, ordinal)
+        run.chains.append(chain)
+        return chain
+
+    def _preempt(self, queue: collections.deque) -> None:
+        """Nothing can move and the pool is full: frees the newest tree and queues it again."""
+        if len(self.live) <= 1:
+            raise KVPoolExhausted(
+                f"the KV pool ({self.engine.pages.capacity} pages of {self.engine.page_size} "
+                "tokens) cannot hold one tree; raise rollout.kv_pages"
+            )
+        run = self.live.pop()
+        for future, (chain, _) in list(self.tools.items()):
+            if chain.run is run:
+                del self.tools[future]
+        self.engine.release(run.slots)
+        tree = run.tree
+        del tree.nodes[1:]
+        tree.picks.clear(), tree.scores.clear(), tree.round_sizes.clear()
+        queue.appendleft(tree)
+        self.stats.preemptions += 1
+
+    # ------------------------------------------------------------------ decoding
+
+    def _ready(self, chain: _Chain) -> None:
+        """The chain generates its node's (next piece of) turn."""
+        node = chain.node
+        key = jax.random.fold_in(chain.base_key, chain.turn_index)
+        budget = self.settings.max_response_len - node.end
+        chain.turn = self.engine.start_turn(chain.slot, budget, key)
+        chain.state = _State.READY
+        if chain.turn.done:  # nothing to generate: decide at once
+            self._after_generation(chain, chain.turn.generation)
+
+    def _decode(self) -> bool:
+        """One decode chunk for the ready chains (oldest trees first); False if none could run."""
+        ready = [c for run in self.live for c in run.chains if c.state is _State.READY]
+        if not ready:
+            return False
+        started = time.perf_counter()
+        ran = self.engine.decode_step(self.params, [c.turn for c in ready])
+        self.decode_intervals.append((started, time.perf_counter()))
+        if not ran:
+            return False
+        by_turn = {id(c.turn): c for c in ready}
+        for turn in ran:
+            if turn.done:
+                chain = by_turn[id(turn)]
+                self._after_generation(chain, turn.generation)
+        return True
+
+    def _after_generation(self, chain: _Chain, gen: Generation) -> None:
+        search, settings, stats = self.search, self.settings, self.stats
+        stats.generated_tokens += len(gen.tokens)
+        node = chain.node
+        self._record_generation(node, gen)
+        decision = turn_rules.after_generation(
+            finish_reason=gen.finish_reason,
+            stop_string=gen.stop_string,
+            piece_text=search.tokenizer.decode(node.tokens[node.piece_start :])
+            if gen.finish_reason == "stop"
+            else "",
+            calls_made=node.calls_made,
+            response_length=node.end,
+            settings=settings,
+            tool_tags=search.toolbox.tags,
+            encode=search.encode,
+        )
+        self._count(decision)
+        node.calls_made = decision.calls_made
+        chain.turn = None
+        if decision.outcome == Outcome.CALL:
+            node.query, node.query_tag = decision.query, decision.tag
+            self._call_tool(chain)
+        elif decision.outcome == Outcome.CONTINUE:
+            node.append(decision.tokens, 0)
+            node.piece_start = len(node.tokens)
+            chain.write, chain.state = list(decision.tokens), _State.WRITE
+        else:
+            self._end(node, decision)
+            if decision.force_eos:
+                chain.force_eos, chain.state = True, _State.WRITE
+            else:
+                chain.state = _State.DONE
+
+    # ------------------------------------------------------------------ tools
+
+    def _call_tool(self, chain: _Chain) -> None:
+        self.stats.tool_calls += 1
+        chain.state = _State.TOOL
+        node = chain.node
+        future = self.pool.submit(self.search.toolbox.run, node.query_tag, node.query)
+        now = time.perf_counter()
+        self.tools[future] = (chain, now + self.search.tool_timeout_s)
+        self.tool_started[future] = now
+
+    def _collect_tools(self, *, block: bool) -> bool:
+        """Applies finished tool calls (waiting for the first one when ``block``); a call past
+        its deadline counts as failed."""
+        if not self.tools:
+            return False
+        if block:
+            deadline = min(d for _, d in self.tools.values())
+            concurrent.futures.wait(
+                list(self.tools),
+                timeout=max(0.0, deadline - time.perf_counter()),
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+        now = time.perf_counter()
+        finished = []
+        for future, (chain, deadline) in list(self.tools.items()):
+            if future.done():
+                finished.append((chain, future.result()))
+            elif now >= deadline:
+                self.stats.tool_timeouts += 1
+                finished.append(
+                    (
+                        chain,
+                        ToolResult(ok=False, text="", status="timeout", error="tool call deadline"),
+                    )
                 )
-                branch.append(obs, 0)
-                chain = self._chain(tree, branch, next(new_slots))
-                srcs.append(self.slot_of[id(picked)])
-                dsts.append(chain.slot)
-                lengths.append(len(tree.prompt) + branch.end)
-                active.append(chain)
-        self.engine.fork_many(srcs, dsts, lengths)
-        return active
+            else:
+                continue
+            del self.tools[future]
+            self.tool_intervals.append((self.tool_started.pop(future), now))
+        for chain, result in finished:
+            self._after_tool(chain, result)
+        return bool(finished)
+
+    def _after_tool(self, chain: _Chain, result: ToolResult) -> None:
+        self.stats.tool_failures += not result.ok
+        node = chain.node
+        decision = turn_rules.after_tool(
+            result=result,
+            calls_made=node.calls_made,
+            response_length=node.end,
+            settings=self.settings,
+            encode=self.search.encode,
+        )
+        if decision.outcome == Outcome.LEAF:
+            self._end(node, decision)
+            chain.state = _State.DONE
+            return
+        node.finish = decision.finish
+        child = chain.tree.add_child(
+            node.index,
+            depth=node.depth + 1,
+            obs_len=len(decision.tokens),
+            calls_at_start=node.calls_made,
+            calls_made=node.calls_made,
+            entropy=node.entropy,  # a child cut before it generates keeps this signal
+            start=node.end,
+            piece_start=len(decision.tokens),
+        )
+        child.append(decision.tokens, 0)
+        chain.turn_index += 1
+        chain.node = child
+        self.slot_of[id(child)] = chain.slot
+        chain.run.order[id(child)] = (chain.turn_index, chain.ordinal)
+        chain.write, chain.state = list(decision.tokens), _State.WRITE
+
+    # ------------------------------------------------------------------ cache writes
+
+    def _write(self) -> bool:
+        """Writes the chains' inserted tokens (batched) and sends them back to decoding."""
+        waiting = [c for run in self.live for c in run.chains if c.state is _State.WRITE]
+        if not waiting:
+            return False
+        forced = [c for c in waiting if c.force_eos]
+        extends = [c for c in waiting if not c.force_eos]
+        done = self._in_batches(forced, self._force) + self._in_batches(extends, self._extend)
+        for chain in done:
+            if chain.force_eos:
+                chain.force_eos, chain.state = False, _State.DONE
+                continue
+            chain.write = None
+            decision = turn_rules.out_of_room(
+                response_length=chain.node.end,
+                calls_made=chain.node.calls_made,
+                settings=self.settings,
+            )
+            if decision.outcome == Outcome.LEAF:
+                self._count(decision)
+                self._end(chain.node, decision)
+                chain.state = _State.DONE
+            else:
+                self._ready(chain)
+        return bool(done)
+
+    def _in_batches(self, chains: list[_Chain], write) -> list[_Chain]:
+        """Writes all chains in one call, or as many as the KV pool allows one by one."""
+        if not chains:
+            return []
+        try:
+            write(chains)
+            return chains
+        except KVPoolExhausted:
+            pass
+        done = []
+        for chain in chains:
+            try:
+                write([chain])
+            except KVPoolExhausted:
+                continue
+            done.append(chain)
+        return done
+
+    def _extend(self, chains: list[_Chain]) -> None:
+        self.engine.extend_many(self.params, [c.slot for c in chains], [c.write for c in chains])
+
+    def _force(self, chains: list[_Chain]) -> None:
+        # The reference trains an EOS after an empty tool call; score it as if sampled so its
+        # behaviour log-prob is known like every other trained token's.
+        eos = self.search.eos_token_id
+        scored = self.engine.force(self.params, [c.slot for c in chains], [eos] * len(chains))
+        for chain, (log_prob, entropy) in zip(chains, scored, strict=True):
+            chain.node.append([eos], 1, [log_prob], [entropy])
+
+    # ------------------------------------------------------------------ phases
+
+    def _barriers(self) -> bool:
+        """Trees whose chains are all done: renumber the phase's nodes, then expand or finish."""
+        moved = False
+        for run in list(self.live):
+            if any(c.state is not _State.DONE for c in run.chains):
+                continue
+            if run.phase_start < len(run.tree.nodes):
+                self._renumber(run)
+            if run.phase < self.settings.rounds:
+                moved |= self._expand(run)  # False: the forks wait for KV pages
+                continue
+            self.engine.release(run.slots)
+            self.live.remove(run)
+            moved = True
+        return moved
+
+    def _renumber(self, run: _TreeRun) -> None:
+        """Puts the phase's new nodes in (turn, chain ordinal) order, whatever order they were
+        created in, so a tree does not depend on when its tool calls returned."""
+        tree, start = run.tree, run.phase_start
+        segment = tree.nodes[start:]
+        ordered = sorted(segment, key=lambda n: run.order[id(n)])
+        new_index = {n.index: start + k for k, n in enumerate(ordered)}
+        for node in ordered:
+            node.index = new_index[node.index]
+            if node.parent in new_index:
+                node.parent = new_index[node.parent]
+        tree.nodes[start:] = ordered
+        run.phase_start = len(tree.nodes)
+
+    def _expand(self, run: _TreeRun) -> bool:
+        """Picks ``beam_size`` nodes and starts one re-sampling branch per pick (False: the KV
+        pool cannot hold the forks yet)."""
+        tree, round_ = run.tree, run.phase
+        picks = self._pick([tree], round_)[0]
+        branches, srcs, lengths = [], [], []
+        for index in picks:
+            picked = tree.nodes[index]
+            # The branch is a sibling of the pick (a fresh chain when the pick is the root) that
+            # keeps the pick's observation and re-samples its whole turn.
+            parent = tree.root if index == 0 else tree.nodes[picked.parent]
+            obs = picked.tokens[: picked.obs_len]
+            branches.append((index, picked, parent, obs))
+            srcs.append(self.slot_of[id(picked)])
+            lengths.append(len(tree.prompt) + parent.end + len(obs))
+        dsts = run.slots[run.next_slot : run.next_slot + len(picks)]
+        try:
+            self.engine.fork_many(srcs, dsts, lengths)
+        except KVPoolExhausted:
+            tree.scores.pop()
+            return False
+        tree.picks.append(list(picks))
+        tree.round_sizes.append(len(tree.nodes))
+        run.phase += 1
+        run.phase_start = len(tree.nodes)
+        run.chains = []
+        for ordinal, (index, picked, parent, obs) in enumerate(branches):
+            self.stats.picks_by_depth[picked.depth] += 1
+            branch = tree.add_child(
+                parent.index,
+                depth=picked.depth,
+                obs_len=len(obs),
+                calls_at_start=picked.calls_at_start,
+                calls_made=picked.calls_at_start,
+                entropy=picked.entropy,
+                start=parent.end,
+                piece_start=len(obs),
+                branch_of=index,
+            )
+            branch.append(obs, 0)
+            chain = self._new_chain(run, branch, ordinal)
+            self._ready(chain)
+        return True
 
     def _pick(self, trees: list[Tree], round_: int) -> list[list[int]]:
         settings, search = self.settings, self.search
@@ -317,103 +691,7 @@ class _Wave:
             picks.append([order[k] for k in chosen[b]])
         return picks
 
-    # ------------------------------------------------------------------ growing chains
-
-    def _grow(self, active: list[Chain]) -> None:
-        """Generates, applies the turn rules and runs tools until every chain has its leaf."""
-        search, engine, settings, stats = self.search, self.engine, self.settings, self.stats
-        while active:
-            started = time.perf_counter()
-            budgets = [settings.max_response_len - c.node.end for c in active]
-            keys = jax.numpy.stack([search.node_key(self.step, c.tree, c.node) for c in active])
-            gens = engine.generate(self.params, [c.slot for c in active], budgets, keys)
-            stats.generate_seconds += time.perf_counter() - started
-            stats.generate_calls += 1
-            continuing, calls, extends, forced = [], [], [], []
-            for chain, gen in zip(active, gens, strict=True):
-                stats.generated_tokens += len(gen.tokens)
-                node = chain.node
-                self._record_generation(node, gen)
-                decision = turn_rules.after_generation(
-                    finish_reason=gen.finish_reason,
-                    stop_string=gen.stop_string,
-                    piece_text=search.tokenizer.decode(node.tokens[node.piece_start :])
-                    if gen.finish_reason == "stop"
-                    else "",
-                    calls_made=node.calls_made,
-                    response_length=node.end,
-                    settings=settings,
-                    tool_tags=search.toolbox.tags,
-                    encode=search.encode,
-                )
-                self._count(decision)
-                node.calls_made = decision.calls_made
-                if decision.outcome == Outcome.CALL:
-                    node.query, node.query_tag = decision.query, decision.tag
-                    calls.append(chain)
-                elif decision.outcome == Outcome.CONTINUE:
-                    node.append(decision.tokens, 0)
-                    node.piece_start = len(node.tokens)
-                    extends.append((chain.slot, list(decision.tokens)))
-                    continuing.append(chain)
-                else:
-                    self._end(node, decision)
-                    if decision.force_eos:
-                        forced.append(chain)
-            started = time.perf_counter()
-            results = self._run_tools([(c.node.query_tag, c.node.query) for c in calls])
-            stats.tool_seconds += time.perf_counter() - started
-            children = []
-            for chain, result in zip(calls, results, strict=True):
-                stats.tool_failures += not result.ok
-                node = chain.node
-                decision = turn_rules.after_tool(
-                    result=result,
-                    calls_made=node.calls_made,
-                    response_length=node.end,
-                    settings=settings,
-                    encode=search.encode,
-                )
-                if decision.outcome == Outcome.LEAF:
-                    self._end(node, decision)
-                    continue
-                node.finish = decision.finish
-                child = chain.tree.add_child(
-                    node.index,
-                    depth=node.depth + 1,
-                    obs_len=len(decision.tokens),
-                    calls_at_start=node.calls_made,
-                    calls_made=node.calls_made,
-                    entropy=node.entropy,  # a child cut before it generates keeps this signal
-                    start=node.end,
-                    piece_start=len(decision.tokens),
-                )
-                child.append(decision.tokens, 0)
-                extends.append((chain.slot, list(decision.tokens)))
-                children.append(self._chain(chain.tree, child, chain.slot))
-            if forced:
-                # The reference trains an EOS after an empty tool call; score it as if sampled so
-                # its behaviour log-prob is known like every other trained token's.
-                eos = search.eos_token_id
-                scored = engine.force(self.params, [c.slot for c in forced], [eos] * len(forced))
-                for chain, (log_prob, entropy) in zip(forced, scored, strict=True):
-                    chain.node.append([eos], 1, [log_prob], [entropy])
-            if extends:
-                engine.extend_many(
-                    self.params, [slot for slot, _ in extends], [t for _, t in extends]
-                )
-            active = []
-            for chain in continuing + children:
-                decision = turn_rules.out_of_room(
-                    response_length=chain.node.end,
-                    calls_made=chain.node.calls_made,
-                    settings=settings,
-                )
-                if decision.outcome == Outcome.LEAF:
-                    self._count(decision)
-                    self._end(chain.node, decision)
-                else:
-                    active.append(chain)
+    # ------------------------------------------------------------------ bookkeeping
 
     def _record_generation(self, node: Node, gen: Generation) -> None:
         node.append(gen.tokens, 1, gen.log_probs, gen.entropies)
@@ -434,31 +712,49 @@ class _Wave:
         node.is_leaf = True
         node.finish = decision.finish
 
-    def _run_tools(self, calls: list[tuple[str, str]]) -> list[ToolResult]:
-        """Runs the round's tool calls concurrently; a call past its deadline counts as failed."""
-        if not calls:
-            return []
-        self.stats.tool_calls += len(calls)
-        pool = concurrent.futures.ThreadPoolExecutor(
-            min(self.settings.tool_workers, len(calls)), thread_name_prefix="rollout-tool"
-        )
-        toolbox = self.search.toolbox
-        try:
-            futures = [pool.submit(toolbox.run, tag, query) for tag, query in calls]
-            done, _ = concurrent.futures.wait(futures, timeout=self.search.tool_timeout_s)
-            results = []
-            for future in futures:
-                if future in done:
-                    results.append(future.result())
-                else:
-                    self.stats.tool_timeouts += 1
-                    results.append(
-                        ToolResult(ok=False, text="", status="timeout", error="tool call deadline")
-                    )
-            return results
-        finally:
-            # Do not wait for stuck calls: their threads finish (or time out) on their own.
-            pool.shutdown(wait=False, cancel_futures=True)
+    def _record(self, before: EngineCounters, wall: float) -> None:
+        """The engine's and the scheduler's figures for this rollout into the stats."""
+        stats, engine, after = self.stats, self.engine, self.engine.counters
+        stats.generate_calls += after.decode_calls - before.decode_calls
+        stats.generate_seconds += after.decode_seconds - before.decode_seconds
+        stats.row_steps_run += after.row_steps_run - before.row_steps_run
+        stats.row_steps_useful += after.row_steps_useful - before.row_steps_useful
+        stats.kv_bytes_read += after.kv_bytes_read - before.kv_bytes_read
+        stats.kv_tokens_peak = max(stats.kv_tokens_peak, engine.pages.peak_used * engine.page_size)
+        stats.kv_tokens_dense = max(stats.kv_tokens_dense, self.live_slots_peak * engine.max_len)
+        stats.kv_pool_waits += engine.pages.waits
+        tool_time, overlap = interval_overlap(self.tool_intervals, self.decode_intervals)
+        stats.tool_seconds += tool_time
+        stats.tool_overlap_seconds += overlap
+        stats.wall_seconds += wall
+
+
+def interval_overlap(
+    a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]
+) -> tuple[float, float]:
+    """(length of the union of intervals ``a``, length of its intersection with the union of
+    ``b``): how long tools ran, and how much of that time decoding ran too."""
+
+    def union(intervals):
+        merged = []
+        for start, end in sorted(intervals):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return merged
+
+    ua, ub = union(a), union(b)
+    total = sum(end - start for start, end in ua)
+    both, j = 0.0, 0
+    for start, end in ua:
+        while j < len(ub) and ub[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(ub) and ub[k][0] < end:
+            both += max(0.0, min(end, ub[k][1]) - max(start, ub[k][0]))
+            k += 1
+    return total, both
 
 
 _scores = jax.jit(kernels.expansion_scores, static_argnames=("penalty",))

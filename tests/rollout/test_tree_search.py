@@ -219,10 +219,15 @@ def test_selection_follows_the_kernel_on_each_round():
 
 def test_branches_keep_the_picks_observation_and_resample_the_turn():
     search = make_search(branching_table())
-    trees, stats = search.run([[Q]], step=0)
+    # Step 1: a draw in which, at each round, at least beam_size (2) deeper turns are candidates
+    # (each tool child searches again with probability 1/2); checked below.
+    trees, stats = search.run([[Q]], step=1)
     tree = trees[0]
     branches = [n for n in tree.nodes if n.branch_of is not None]
     assert len(branches) == 4
+    for size in tree.round_sizes:
+        deeper = [n for n in tree.nodes[:size] if n.depth >= 1 and not n.is_leaf]
+        assert len(deeper) >= 2
     # First turns are deterministic (entropy ~0, penalty 2 x 0.05); tool children hesitate (entropy
     # ln 2 / turn length), so the deeper turns are picked.
     assert all(tree.nodes[b.branch_of].depth >= 1 for b in branches)

@@ -198,12 +198,12 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
             return [g.tokens for g in first + second], [g.log_probs for g in first + second]
 
         kwargs = dict(num_slots=8, max_len=64, eos_token_ids=[0], decode_chunk=4, kv_bucket=16,
-                      sampling=SamplingParams(temperature=0.0))
+                      page_size=16, kv_pages=32, sampling=SamplingParams(temperature=0.0))
         ref_tokens, ref_lps = generate(Engine(model, **kwargs), nnx.state(model))
         out["engine"] = {}
-        for sizes in [(2, 2, 2)]:  # slots over data x fsdp, kv heads over tensor
+        for sizes in [(2, 2, 2)]:  # pages over data x fsdp, kv heads over tensor
             mesh = S.make_mesh(S.MeshSettings(*sizes))
-            cache_sharding = cache_shardings(mesh, config, 8, 64)
+            cache_sharding = cache_shardings(mesh, config, 32, 16)
             engine = Engine(model, cache_sharding=cache_sharding, **kwargs)
             tokens, lps = generate(engine, S.shard_params(nnx.state(model), mesh))
             out["engine"][str(sizes)] = {
@@ -240,10 +240,10 @@ def test_sharded_update_and_log_probs_match_one_device_and_engine_tokens_match()
         data, fsdp, tensor = eval(sizes)  # noqa: S307
         assert r["same_tokens"], sizes
         assert r["lp_err"] < 1e-4, sizes
-        # One array per layer: keys [slots, kv_heads, head_dim, max_len].
+        # One array per layer: keys [pages, kv_heads, head_dim, page_size].
         assert r["cache_spec"][:2] == [["data", "fsdp"], "tensor"], sizes
         assert all(a is None for a in r["cache_spec"][2:]), sizes
-        assert r["cache_shard"] == [8 // (data * fsdp), 2 // tensor, 8, 64], sizes
+        assert r["cache_shard"] == [32 // (data * fsdp), 2 // tensor, 8, 16], sizes
 
 
 # ----------------------------------------------------------------------------------------------
