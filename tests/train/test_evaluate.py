@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -50,6 +51,16 @@ def test_evaluate_an_orbax_checkpoint(trained_run, run_overrides, child_env, tmp
     for source in results["by_source"]:
         assert _table_row(results, source) in proc.stdout
     assert "| all questions | 4 |" in proc.stdout
+    # The paper's Table 1 layout too; the synthetic sources are in its "other" section.
+    assert "| | HotpotQA | 2Wiki | MuSiQue | Bamboogle | multi-hop avg | NQ |" in proc.stdout
+    assert "None of the paper's seven benchmarks is in the evaluation data." in proc.stdout
+    assert "Other data sources (not in the paper's Table 1):" in proc.stdout
+    with open(os.path.join(out, "evaluation_step_000004_table1.json")) as f:
+        table = json.load(f)
+    assert table["other"]["sources"] == results["by_source"]
+    assert table["multi_hop"]["status"] == table["single_hop"]["status"] == "absent"
+    with open(os.path.join(out, "evaluation_step_000004_table1.md")) as f:
+        assert f.read().startswith("| | HotpotQA | 2Wiki |")
 
 
 def test_evaluate_a_hugging_face_export(trained_run, world_dir, child_env, tmp_path):
@@ -138,11 +149,24 @@ def test_evaluate_on_an_8_device_mesh(trained_run, run_overrides, child_env, tmp
 def test_evaluating_the_paper_recipe_needs_no_training_files(
     tiny_qwen3, qa_files, world_dir, tmp_path
 ):
-    """``qwen3_4b`` requires training files to train, not to evaluate a checkpoint."""
+    """``qwen3_4b`` requires training files to train, not to evaluate a checkpoint; its Table 1
+    names the paper's benchmarks found in the evaluation files (here: two questions labelled
+    ``hotpotqa`` and ``nq``)."""
+    from atpo_jax.data import read_rows, write_rows
+
+    rows = read_rows(qa_files["test"])[:2]
+    eval_file = str(tmp_path / "test.parquet")
+    write_rows(
+        [
+            dataclasses.replace(r, data_source=s)
+            for r, s in zip(rows, ("hotpotqa", "nq"), strict=True)
+        ],
+        eval_file,
+    )
     config = runs.load_config(
         "qwen3_4b",
         {
-            "data.eval_files": qa_files["test"],
+            "data.eval_files": eval_file,
             "tools.corpus": os.path.join(world_dir, "corpus.jsonl"),
             "eval.max_questions": 2,
             "eval.batch_prompts": 2,
@@ -152,5 +176,13 @@ def test_evaluating_the_paper_recipe_needs_no_training_files(
         },
     )
     results, path = evaluate.evaluate_checkpoint(config, tiny_qwen3, workdir=str(tmp_path / "out"))
-    assert results["n"] == 2 and results["eval_split"] == qa_files["test"]
+    assert results["n"] == 2 and results["eval_split"] == eval_file
     assert os.path.isfile(path)
+    with open(path.replace(".json", "_table1.json")) as f:
+        table = json.load(f)
+    assert {k: v["n"] for k, v in table["benchmarks"].items()} == {"hotpotqa": 1, "nq": 1}
+    assert (
+        table["multi_hop"]["members"] == ["hotpotqa"] and table["multi_hop"]["status"] == "partial"
+    )
+    assert table["multi_hop"]["em"] == results["by_source"]["hotpotqa"]["em"]
+    assert table["single_hop"]["members"] == ["nq"] and table["other"]["sources"] == {}
