@@ -2,6 +2,8 @@
 
 * :mod:`.rows`: ATPO/Search-R1 rows from parquet/JSONL (:func:`read_rows`, :func:`write_rows`).
 * :mod:`.flashrag`: FlashRAG JSONL -> rows (``python -m atpo_jax.data.flashrag``).
+* :mod:`.benchmarks`, :mod:`.build_benchmarks`: the paper's seven benchmarks and their train/test
+  files (``python -m atpo_jax.data.build_benchmarks``).
 * :mod:`.prompts`: the paper's instruction and a short one, rendered through a chat template.
 * :mod:`.transcripts`: (text, trainable) segments and their token encoding for supervised warm starts.
 * :mod:`.synthetic`: the offline multi-hop world the default config trains on.
