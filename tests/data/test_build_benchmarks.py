@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -196,3 +198,26 @@ def test_a_bad_record_names_file_and_line_and_writes_nothing(tmp_path):
     with pytest.raises(DatasetError, match=f"{src / 'popqa' / 'test.jsonl'} line 2: 'answer' must"):
         build_benchmarks(str(src), str(out))
     assert not out.exists()
+
+
+def test_module_entry_point_exits_1_with_one_message(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atpo_jax.data.build_benchmarks",
+            "--src",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--benchmarks",
+            "bamboogle",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(
+        "build_benchmarks: missing FlashRAG file(s):\n  bamboogle: none of"
+    )
