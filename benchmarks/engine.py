@@ -11,7 +11,9 @@
    ranks by ``tests/fidelity/qwen3_tokenizer.py``) against the synthetic world's word-level
    tokenizer on the same text, as a ratio.
 4. ``--gpu``: decode throughput of a Qwen3-0.6B-shaped random model at batch 64 and 256 as a
-   fraction of the HBM-bandwidth bound (bytes of weights + KV read per step / 4.8 TB/s).
+   fraction of the HBM-bandwidth bound (bytes of weights + KV read per step / the device's peak
+   bandwidth from ``atpo_jax/train/flops.py``, e.g. 4.8 TB/s on an H200); ``decode_throughput``
+   is also what ``benchmarks/gpu_check.py`` runs.
 
 Run: ``python benchmarks/engine.py [--stop-strings] [--gpu]``.
 """
@@ -30,11 +32,13 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model import qwen3_0p6b_config  # noqa: E402
 from timing import interleaved_median_seconds, median_seconds, print_table  # noqa: E402
 
 from atpo_jax import models  # noqa: E402
 from atpo_jax.rollout.engine import Engine  # noqa: E402
 from atpo_jax.rollout.sampling import SamplingParams  # noqa: E402
+from atpo_jax.train import flops  # noqa: E402
 
 TINY = dict(
     vocab_size=1024,
@@ -215,68 +219,111 @@ def bench_tree(repeats: int) -> None:
     )
 
 
-def _timed_decode(engine: Engine, params, slots, prompts, new_tokens: int) -> float:
-    """Seconds of one generate call (decode only) after a fresh prefill."""
-    engine.prefill_many(params, slots, prompts)
-    jax.block_until_ready(engine.cache.k)
-    start = time.perf_counter()
-    engine.generate(params, slots, [new_tokens] * len(slots), jax.random.key(0))
-    return time.perf_counter() - start
+def decode_throughput(
+    config: models.ModelConfig,
+    *,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    kv_bucket: int = 256,
+    bandwidth: float | None = None,
+    params=None,
+) -> dict[str, float]:
+    """Decode speed of a random model of ``config`` at ``batch`` sequences (sampling, no EOS).
+
+    Through ``Engine``'s public methods only: one decode step costs (prefill + ``new_tokens``
+    tokens - prefill + 1 token) / (``new_tokens`` - 1), each the median of ``repeats`` runs timed
+    in turn, so the prefill's time (and its asynchronous dispatch) cancels out without a sync
+    between prefill and decode. The decode loop runs as one device call (``decode_chunk`` =
+    ``new_tokens``).
+
+    Returns ``step_s`` (seconds per decode step), ``tokens_per_s``, ``compile_s`` (first calls
+    minus warm calls: prefill + decode programs), ``bytes_per_step`` (every weight read once +
+    the KV cache of the real context, mean over the steps: ``flops.decode_bytes_per_step``; the
+    attended bucket's padding is not counted, it shows as lost bandwidth) and, with a
+    ``bandwidth`` (bytes/s), ``hbm_fraction``. ``params``: the model's weights (default:
+    random, initialised on the device).
+    """
+    if params is None:
+        params = nnx.state(nnx.jit(lambda: models.CausalLM(config, rngs=nnx.Rngs(0)))())
+    model = nnx.eval_shape(lambda: models.CausalLM(config, rngs=nnx.Rngs(0)))
+    vocab = config.vocab_size
+    # EOS = the last id, excluded from sampling, so every row generates exactly its budget.
+    engine = Engine(
+        model,
+        num_slots=batch,
+        max_len=prompt_len + new_tokens + 1,
+        eos_token_ids=[vocab - 1],
+        sampling=SamplingParams(vocab_limit=vocab - 1),
+        decode_chunk=new_tokens,
+        kv_bucket=kv_bucket,
+    )
+    prompts = np.random.default_rng(0).integers(0, min(vocab - 1, 1000), (batch, prompt_len))
+    prompts = prompts.tolist()
+
+    def run(budget: int) -> None:
+        slots = engine.allocate(batch)
+        engine.prefill_many(params, slots, prompts)
+        out = engine.generate(params, slots, [budget] * batch, jax.random.key(budget))
+        engine.release(slots)
+        if sum(len(g.tokens) for g in out) != batch * budget:
+            raise RuntimeError(f"decode_throughput: expected {batch} x {budget} tokens")
+
+    def timed(budget: int) -> float:
+        start = time.perf_counter()
+        run(budget)
+        return time.perf_counter() - start
+
+    first = timed(new_tokens) + timed(1)  # compiles the prefill and decode programs
+    long, short = interleaved_median_seconds(
+        [lambda: run(new_tokens), lambda: run(1)], repeats=repeats, warmup=0
+    )
+    step_s = (long - short) / (new_tokens - 1)
+    if step_s <= 0:
+        raise RuntimeError(
+            f"decode_throughput: {new_tokens} tokens ran no slower than 1 ({long:.4f} s vs "
+            f"{short:.4f} s): timing noise exceeds the decode; raise new_tokens or repeats"
+        )
+    param_bytes = jnp.dtype(config.param_dtype).itemsize
+    kv_bytes = jnp.dtype(config.dtype).itemsize
+    mean_context = prompt_len + new_tokens / 2
+    moved = flops.decode_bytes_per_step(config, batch, mean_context, param_bytes, kv_bytes)
+    out = {
+        "step_s": step_s,
+        "tokens_per_s": batch / step_s,
+        "compile_s": max(0.0, first - long - short),
+        "bytes_per_step": moved,
+    }
+    if bandwidth:
+        out["hbm_fraction"] = moved / step_s / bandwidth
+    return out
 
 
 def bench_gpu(repeats: int) -> None:
     """Decode roofline for a Qwen3-0.6B-shaped random model (bf16 weights and cache)."""
-
-    config = models.ModelConfig(
-        model_type="qwen3",
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_layers=28,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        qk_norm=True,
-        tie_word_embeddings=True,
-        param_dtype=jnp.bfloat16,
-        dtype=jnp.bfloat16,
-    )
-    model = models.CausalLM(config, rngs=nnx.Rngs(0))
-    params = nnx.state(model)
-    weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(nnx.state(model)))
-    prompt_len, new_tokens = 512, 256
+    config = qwen3_0p6b_config(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    bandwidth = flops.peak_bandwidth_per_device()  # None on CPU and unlisted devices
     rows = []
     for batch in (64, 256):
-        engine = Engine(
-            model,
-            num_slots=batch,
-            max_len=prompt_len + new_tokens + 1,
-            eos_token_ids=[config.vocab_size - 1],
-            sampling=SamplingParams(vocab_limit=config.vocab_size - 1),
-            decode_chunk=new_tokens,
-            kv_bucket=256,
+        r = decode_throughput(
+            config,
+            batch=batch,
+            prompt_len=512,
+            new_tokens=256,
+            repeats=repeats,
+            bandwidth=bandwidth,
         )
-        slots = engine.allocate(batch)
-        prompts = np.random.default_rng(0).integers(0, 1000, (batch, prompt_len)).tolist()
-
-        _timed_decode(engine, params, slots, prompts, new_tokens)  # warm-up (compiles)
-        seconds = float(
-            np.median(
-                [_timed_decode(engine, params, slots, prompts, new_tokens) for _ in range(repeats)]
-            )
-        )
-        # Bytes read per step: all weights once + the attended KV cache of every sequence.
-        kv_len = engine.attended_length(prompt_len + new_tokens)
-        kv_bytes = (
-            2 * config.num_layers * batch * kv_len * config.num_kv_heads * config.head_dim * 2
-        )
-        bound = new_tokens * (weight_bytes + kv_bytes) / 4.8e12
         rows.append(
             (
-                f"batch {batch}",
-                seconds,
-                f"{batch * new_tokens / seconds:,.0f} tok/s, "
-                f"{bound / seconds:.0%} of the HBM bound",
+                f"batch {batch}, one decode step",
+                r["step_s"],
+                f"{r['tokens_per_s']:,.0f} tok/s"
+                + (
+                    f", {r['hbm_fraction']:.0%} of {bandwidth / 1e12:.2f} TB/s"
+                    if bandwidth
+                    else ", peak bandwidth unknown for this device"
+                ),
             )
         )
     print_table("GPU decode, Qwen3-0.6B shape, bf16", rows)

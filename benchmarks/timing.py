@@ -17,6 +17,14 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 
     return interleaved_median_seconds([fn], repeats=repeats, warmup=warmup)[0]
 
 
+def first_call_seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn()``, waited for: on a fresh jitted function, compilation
+    plus one run (subtract a warm median for the compile time alone)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
 def interleaved_median_seconds(
     fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1
 ) -> list[float]:
