@@ -315,25 +315,32 @@ def compare_decode_attention(section, sizes: SpeedSizes, limits: Limits, gpu: bo
 
     def summed(attend):
         # Every layer's output is used (nothing is dead code); one call reads the whole cache.
-        return jax.jit(lambda *kv: sum(attend(i, *kv) for i in range(layers)))
+        # Arrays are arguments, never closed over (XLA would embed them as constants).
+        step = jax.jit(lambda q, kv, mask, lengths: sum(
+            attend(i, q, *kv, mask, lengths) for i in range(layers)))  # fmt: skip
+        return lambda kv: step(q, kv, mask, lengths)
 
-    ours = summed(lambda i, kt, v: masked_attention(q, kt[i], v[i], mask))
+    ours = summed(lambda i, q, kt, v, mask, _: masked_attention(q, kt[i], v[i], mask))
     # Keys stored [len, head_dim]: the same kernel, the transposition left to XLA's layout pass.
-    plain = summed(lambda i, kk, v: masked_attention(q, kk[i].swapaxes(-1, -2), v[i], mask))
+    plain = summed(
+        lambda i, q, kk, v, mask, _: masked_attention(q, kk[i].swapaxes(-1, -2), v[i], mask)
+    )
 
     def dpa(implementation):
         return summed(
-            lambda i, kk, v: jax.nn.dot_product_attention(
+            lambda i, q, kk, v, _, lengths: jax.nn.dot_product_attention(
                 q, kk[i], v[i], key_value_seq_lengths=lengths, implementation=implementation
             )
         )
 
     others = {
-        "keys [len, head_dim]": lambda: plain(keys, values),
-        "jax.nn.dot_product_attention xla": lambda: dpa("xla")(keys_bskd, values_bskd),
+        "keys [len, head_dim]": lambda: plain((keys, values)),
+        "jax.nn.dot_product_attention xla": lambda: dpa("xla")((keys_bskd, values_bskd)),
     }
     if gpu:
-        others["jax.nn.dot_product_attention cudnn"] = lambda: dpa("cudnn")(keys_bskd, values_bskd)
+        others["jax.nn.dot_product_attention cudnn"] = lambda: dpa("cudnn")(
+            (keys_bskd, values_bskd)
+        )
     else:
         section.not_applicable(
             "decode attention: jax.nn.dot_product_attention cudnn", "cuDNN needs a CUDA GPU"
@@ -342,7 +349,7 @@ def compare_decode_attention(section, sizes: SpeedSizes, limits: Limits, gpu: bo
     compare(
         section,
         f"decode attention ({layers} layers, batch {b}, {s} cached)",
-        ("keys [head_dim, len] (ours)", lambda: ours(keys_t, values)),
+        ("keys [head_dim, len] (ours)", lambda: ours((keys_t, values))),
         others,
         repeats=sizes.repeats * 2,
         error=max_rel_error,
@@ -363,22 +370,22 @@ def compare_training_attention(section, sizes: SpeedSizes, limits: Limits, gpu: 
     real = (jnp.arange(t)[None, :] < lengths[:, None])[:, :, None, None]
 
     def fwd_bwd(attend):
-        def loss(q, kk, v):
-            out = attend(q, kk, v).astype(jnp.float32)
+        def loss(q, kk, v, lengths, real, cot):
+            out = attend(q, kk, v, lengths).astype(jnp.float32)
             return jnp.sum(jnp.where(real, out * cot, 0.0))
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        return lambda: grad(q, kk, v)
+        return lambda: grad(q, kk, v, lengths, real, cot)
 
     def dpa(implementation):
-        return lambda q, kk, v: jax.nn.dot_product_attention(
+        return lambda q, kk, v, lengths: jax.nn.dot_product_attention(
             q, kk, v, is_causal=True, key_value_seq_lengths=lengths, implementation=implementation
         )
 
     others = {"jax.nn.dot_product_attention xla": fwd_bwd(dpa("xla"))}
     if gpu:
         others["causal_attention impl=cudnn"] = fwd_bwd(
-            lambda q, kk, v: causal_attention(q, kk, v, lengths, impl="cudnn")
+            lambda q, kk, v, lengths: causal_attention(q, kk, v, lengths, impl="cudnn")
         )
     else:
         section.not_applicable(
@@ -390,7 +397,7 @@ def compare_training_attention(section, sizes: SpeedSizes, limits: Limits, gpu: 
         section,
         f"training attention fwd+bwd (batch {b} x {t} tokens)",
         ("grouped XLA kernel (ours)",
-         fwd_bwd(lambda q, kk, v: causal_attention(q, kk, v, lengths, impl="xla"))),
+         fwd_bwd(lambda q, kk, v, lengths: causal_attention(q, kk, v, lengths, impl="xla"))),
         others,
         repeats=sizes.repeats,
         error=norm_rel_error,
@@ -439,8 +446,8 @@ def compare_loss(section, sizes: SpeedSizes, limits: Limits) -> None:
     turn_ids = kernels.turn_ids_from_mask(mask)
 
     def fwd_bwd(loss):
-        grad = jax.jit(jax.value_and_grad(lambda lp: loss(lp)[0]))
-        return lambda: grad(new)
+        grad = jax.jit(jax.value_and_grad(lambda *a: loss(*a)[0]))
+        return lambda: grad(new, old, adv, mask, turn_ids)
 
     floor = jax.jit(lambda *a: (jnp.sum(a[0]), a[0] + a[1] + a[2] + a[3]))
     moved = 5 * rows * length * 4  # the floor reads 4 float32 arrays and writes 1
@@ -448,11 +455,11 @@ def compare_loss(section, sizes: SpeedSizes, limits: Limits) -> None:
         section,
         f"AT2PO loss fwd+bwd ({rows} x {length} tokens)",
         ("atpo_policy_loss, turns from the mask (ours)",
-         fwd_bwd(lambda lp: kernels.atpo_policy_loss(lp, old, adv, mask))),
+         fwd_bwd(lambda lp, o, a, m, _: kernels.atpo_policy_loss(lp, o, a, m))),
         {
             "atpo_policy_loss, explicit turn_ids":
-                fwd_bwd(lambda lp: kernels.atpo_policy_loss(lp, old, adv, mask, turn_ids=turn_ids)),
-            "ppo_policy_loss": fwd_bwd(lambda lp: kernels.ppo_policy_loss(lp, old, adv, mask)),
+                fwd_bwd(lambda lp, o, a, m, t: kernels.atpo_policy_loss(lp, o, a, m, turn_ids=t)),
+            "ppo_policy_loss": fwd_bwd(lambda lp, o, a, m, _: kernels.ppo_policy_loss(lp, o, a, m)),
             "bandwidth floor (read 4 arrays, write 1)": lambda: floor(new, old, adv, mask),
         },
         repeats=sizes.repeats * 2,

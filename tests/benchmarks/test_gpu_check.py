@@ -160,9 +160,10 @@ def test_correctness_values(dry_run):
     assert engine["generated_tokens"] == 4 * 10 + (1 + 2) + 4 * 5
     assert engine["exact_argmax_fraction"] == 1.0 and engine["max_error"] == 0.0
     kernels = _checks(sections["kernels"])
-    assert len(kernels) == 12 and all(c["status"] == "pass" for c in kernels.values())
-    for name in ("turn_ids_from_mask", "select_expansion_nodes k=6"):
-        assert kernels[name]["metric"] == "mismatches" and kernels[name]["max_error"] == 0.0
+    assert len(kernels) == 13 and all(c["status"] == "pass" for c in kernels.values())
+    for name in ("turn_ids_from_mask", "select_expansion_nodes k=6", "per_token_run_mean"):
+        ints = next(c for n, c in kernels.items() if n.startswith(name) and "integer" in n)
+        assert ints["metric"] == "mismatches" and ints["max_error"] == 0.0
 
 
 def test_speed_and_end_to_end_figures(dry_run):
