@@ -50,8 +50,9 @@ SECTIONS = (
     ("end_to_end", "full RL step: tree rollout -> credit -> update"),
 )
 # The project's run-time dependencies (setup.cfg): the environment section says which are absent.
-REQUIRED = ("jax", "flax", "optax", "orbax.checkpoint", "transformers", "chex", "ml_collections",
-            "bm25s", "httpx", "pyarrow", "tokenizers", "safetensors")  # fmt: skip
+REQUIRED = ("jax", "flax", "optax", "orbax.checkpoint", "transformers", "chex", "absl",
+            "ml_collections", "numpy", "bm25s", "faiss", "fastapi", "uvicorn", "httpx", "pyarrow",
+            "tokenizers", "jinja2", "safetensors", "tensorboardX", "matplotlib", "tqdm")  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -114,6 +115,7 @@ def environment(jax) -> dict:
         env["platform_version"] = backend.get_backend().platform_version
     except Exception as e:  # noqa: BLE001 - older/newer JAX: recorded, not fatal
         env["platform_version"] = f"unavailable ({type(e).__name__}: {e})"
+    env["cuda"] = cuda_versions()
     try:
         env["environment_info"] = jax.print_environment_info(return_string=True)
     except Exception as e:  # noqa: BLE001
@@ -126,6 +128,25 @@ def environment(jax) -> dict:
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env
+
+
+def cuda_versions() -> dict | str:
+    """CUDA runtime/driver/cuDNN/... versions as jaxlib's CUDA plugin reports them (its
+    ``*_get_version`` functions; a private module, so read defensively)."""
+    try:
+        from jax._src.lib import cuda_versions as versions
+    except ImportError as e:
+        return f"unavailable ({e})"
+    if versions is None:
+        return "no CUDA plugin loaded"
+    out = {}
+    for name in sorted(dir(versions)):
+        if name.endswith("_get_version"):
+            try:
+                out[name.removesuffix("_get_version")] = getattr(versions, name)()
+            except Exception as e:  # noqa: BLE001 - one unreadable version is no reason to stop
+                out[name.removesuffix("_get_version")] = f"unavailable ({type(e).__name__})"
+    return out
 
 
 def limits_of(device, args, flops) -> tuple[dict, object]:

@@ -269,6 +269,7 @@ def markdown(data: dict[str, Any]) -> str:
         f" x {env.get('device_count', '?')}",
         f"- jax {env.get('jax', '?')}, jaxlib {env.get('jaxlib', '?')}, flax {env.get('flax', '?')}"
         f", optax {env.get('optax', '?')}; backend: {env.get('platform_version', '?')}",
+        f"- CUDA: {_cell(json.dumps(env.get('cuda', '?')))}",
         f"- summary: {json.dumps(data.get('summary', {}))}",
     ]
     if data.get("quick"):

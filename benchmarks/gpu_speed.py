@@ -90,7 +90,7 @@ class SpeedSizes:
 
 
 FULL = SpeedSizes(
-    qwen3_0p6b=True, repeats=5, decode_batches=(64, 256), decode_prompt=512, train_remat=(False, True),
+    qwen3_0p6b=True, repeats=3, decode_batches=(64, 256), decode_prompt=512, train_remat=(False, True),
     decode_new_tokens=256, decode_kv_bucket=256, train_batch=4, train_seq=4096,
     attention_batch=64, attention_kv_len=1024, attention_layers=28, train_attention_batch=4,
     linear_tokens=16384, loss_rows=1408, loss_length=6192, e2e_tree=(10, 2, 6, 22),
@@ -522,6 +522,9 @@ def run_end_to_end(section, sizes: SpeedSizes, report, attention_impl: str) -> N
                 "rollout.beam_size": branches,
                 "rollout.samples_per_tree": leaves,
                 "rollout.max_response_len": sizes.e2e_response_len,
+                # One attended-length bucket: every bucket is one more decode program to compile
+                # (the tiny variant's prompts fit in its max_prompt_len of 64).
+                "rollout.kv_bucket": 16 * -(-(64 + sizes.e2e_response_len) // 16),
                 "rollout.num_slots": (2 + chains + rounds * branches) * sizes.e2e_prompts,
                 "rollout.trace_every": 0,
                 "train.prompts_per_step": sizes.e2e_prompts,
