@@ -228,10 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     impl = "cudnn" if gpu else "xla"
 
     def alternatives(section):
-        speed.compare_decode_attention(section, ssizes, limits, gpu)
-        speed.compare_training_attention(section, ssizes, limits, gpu)
-        speed.compare_linear(section, ssizes, limits)
-        speed.compare_loss(section, ssizes, limits)
+        comparisons = {
+            "decode attention": lambda: speed.compare_decode_attention(
+                section, ssizes, limits, gpu
+            ),
+            "training attention": lambda: speed.compare_training_attention(
+                section, ssizes, limits, gpu
+            ),
+            "MLP matmuls": lambda: speed.compare_linear(section, ssizes, limits),
+            "AT2PO loss": lambda: speed.compare_loss(section, ssizes, limits),
+        }
+        for name, comparison in comparisons.items():
+            with section.guard(name):  # one that crashes does not stop the others
+                comparison()
 
     runners = {
         "model_logits": lambda s: correctness.check_model_logits(s, csizes, cpu, device),

@@ -263,7 +263,7 @@ def compare(
             f"{title}: {other} computes what {name} computes",
             error=error(got, want),
             tolerance=tolerance,
-            metric="max|d|/max|ref| (outputs) or |d|/|ref| (gradients), bf16",
+            metric="max|d|/max|ref| (outputs) or |d|/|ref| (gradients)",
         )
     times = interleaved_median_seconds(list(contenders.values()), repeats=repeats, warmup=1)
     base = times[0]
@@ -276,7 +276,8 @@ def compare(
             compile_s=max(0.0, firsts[contender] - seconds),
             **work(seconds),
         )
-    best = min(zip(times, contenders, strict=True))
+    # The verdict is among the alternatives to our choice, not the timing-only references.
+    best = min((t, c) for t, c in zip(times, contenders, strict=True) if c not in timing_only)
     if best[1] == name:
         section.note(f"{title}: ours ({name}) is fastest here")
     else:
