@@ -202,22 +202,47 @@ def ppo_policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = 3.0,
     loss_agg: str = "token-mean",
+    entropy_balanced_clipping: bool = False,
 ) -> tuple[chex.Array, dict[str, chex.Array]]:
     """Token-level PPO clipped objective with dual clip (GRPO / DAPO style; ALGORITHM.md §4.3).
 
         r_t = exp(clip(log π_θ(y_t) − log π_old(y_t), −20, 20))
-        L_t = max(−A_t r_t, −A_t clip(r_t, 1 − clip_low, 1 + clip_high))
+        L_t = max(−A_t r_t, −A_t clip(r_t, 1 − clip_low, u_t))
         L_t = min(L_t, −A_t · dual_clip)              where A_t < 0 (if ``dual_clip`` is not None)
+
+    with the upper bound u_t = 1 + clip_high, or, with ``entropy_balanced_clipping`` (AEPO),
+    u_t = (1 + clip_high) · r_t / sg(r_t): the same value 1 + clip_high, but it carries the
+    gradient (1 + clip_high) ∇ log π_θ(y_t). The loss VALUE is unchanged; only tokens with
+    A_t > 0 and r_t > 1 + clip_high (the upper clip active) see a difference: their gradient is
+    −A_t (1 + clip_high) ∇ log π_θ(y_t) instead of 0, so high-probability-gain tokens (typically
+    high-entropy exploration tokens) keep a bounded learning signal. The lower bound stays a
+    constant (a clipped A_t < 0 token still gets no gradient). As the reference's
+    ``compute_policy_loss_entropy_balanced_clipping`` (AEPO/verl_aepo_entropy/verl/trainer/ppo/
+    core_algos.py L571-683, ``max_bound = (1 + cliprange_high) / ratio.detach() * ratio`` inside
+    ``torch.clamp``), whose "entropy-balanced advantage" part is not included (it is a no-op in the
+    AEPO baseline: ALGORITHM.md §5, §8 item 22). Reference: AEPO, "Agentic Entropy-Balanced Policy
+    Optimization" (Dong et al., 2025), entropy-balanced policy optimization.
 
     Args:
       log_probs, old_log_probs, advantages, loss_mask: [S, L] as in the module docstring.
       clip_low, clip_high: ε_low, ε_high.
       dual_clip: the dual-clip constant c > 1 (Ye et al. 2020) or ``None`` to disable it.
       loss_agg: aggregation mode, see :func:`aggregate_loss`.
+      entropy_balanced_clipping: the gradient-carrying upper bound above (static Python bool).
 
     Returns:
       ``(loss, metrics)``; metrics: ``clipfrac`` (masked fraction where the clipped branch is active),
       ``clipfrac_lower`` (masked fraction where the dual clip is active), ``ppo_kl``, ``ratio_mean``.
+
+    Example::
+
+        lp = jnp.log(jnp.array([[0.9, 0.5]]))          # current policy
+        old = jnp.log(jnp.array([[0.6, 0.5]]))         # r = [1.5, 1.0]
+        adv, mask = jnp.ones((1, 2)), jnp.ones((1, 2))
+        loss, _ = ppo_policy_loss(lp, old, adv, mask)  # -(1.2 + 1.0) / 2 = -1.1 either way
+        g = jax.grad(lambda x: ppo_policy_loss(x, old, adv, mask,
+                                               entropy_balanced_clipping=True)[0])(lp)
+        # g = [[-0.6, -0.5]]: -(1 + 0.2) / 2 on the clipped token (0 without the option)
     """
     _validate_clip(clip_low, clip_high)
     log_probs, old_log_probs, advantages, mask = _prepare(
@@ -228,7 +253,13 @@ def ppo_policy_loss(
     log_ratio = jnp.clip(log_probs - old_log_probs, -_PPO_LOG_RATIO_RANGE, _PPO_LOG_RATIO_RANGE)
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    if entropy_balanced_clipping:
+        # Above the upper bound the bound itself is the tensor (1 + ε_h)·r/sg(r): value 1 + ε_h,
+        # gradient (1 + ε_h)·∇log π (torch.clamp with a tensor max routes the gradient to it).
+        upper = (1.0 + clip_high) * ratio / jax.lax.stop_gradient(ratio)
+        clipped_ratio = jnp.where(ratio > 1.0 + clip_high, upper, clipped_ratio)
+    clipped = -advantages * clipped_ratio
     loss_per_token = jnp.maximum(unclipped, clipped)
     dual_active = jnp.zeros_like(mask)
     if dual_clip is not None:

@@ -87,6 +87,13 @@ class LossSettings:
       kl_coef: weight of the KL penalty to the frozen reference policy (0: the reference policy
         is neither kept nor run).
       kl_kind: the KL estimator (``low_var_kl``, ``kl``, ``abs``, ``mse``).
+      entropy_coef: weight of the entropy bonus: the loss subtracts ``entropy_coef`` x the
+        exact token entropy of the policy, aggregated with ``loss_agg`` like the policy loss
+        (the reference's ``entropy_coeff``; 0, its default, adds nothing and no entropy
+        gradient; a negative value penalises entropy).
+      entropy_balanced_clipping: ``ppo`` only: AEPO's clipping, whose upper bound carries the
+        gradient (``kernels.ppo_policy_loss``; the reference's
+        ``enable_entropy_balanced_clipping``).
       old_log_probs: ``recompute`` (score the rollout before the update, as the reference) or
         ``sampler`` (reuse the sampler's log-probs).
       log_prob_chunk: positions per chunk of the vocabulary projection when log-probs are
@@ -101,13 +108,22 @@ class LossSettings:
     loss_agg: LossAgg = LossAgg.SEQ_MEAN_TOKEN_MEAN
     kl_coef: float = 0.0
     kl_kind: KLKind = KLKind.LOW_VAR_KL
+    entropy_coef: float = 0.0
+    entropy_balanced_clipping: bool = False
     old_log_probs: OldLogProbs = OldLogProbs.RECOMPUTE
     log_prob_chunk: int = 512
 
     def __post_init__(self) -> None:
         coerce_choices(self, "loss")
         # An inf or NaN here turns every loss and gradient non-finite (NaN fails every comparison).
-        for name in ("clip_low", "clip_high", "max_log_ratio", "dual_clip", "kl_coef"):
+        for name in (
+            "clip_low",
+            "clip_high",
+            "max_log_ratio",
+            "dual_clip",
+            "kl_coef",
+            "entropy_coef",
+        ):
             value = getattr(self, name)
             check(math.isfinite(value), f"loss.{name} must be a finite number, got {value}")
         check(self.kl_coef >= 0, f"loss.kl_coef must be >= 0, got {self.kl_coef}")
@@ -119,6 +135,11 @@ class LossSettings:
         check(self.dual_clip == 0 or self.dual_clip > 1, "loss.dual_clip must be 0 (off) or > 1")
         check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high must be >= 0")
         check(self.log_prob_chunk >= 1, f"loss.log_prob_chunk={self.log_prob_chunk} must be >= 1")
+        check(
+            not self.entropy_balanced_clipping or self.policy_loss == PolicyLoss.PPO,
+            "loss.entropy_balanced_clipping=true is a token-level PPO option (as in the "
+            f"reference's AEPO): set loss.policy_loss='ppo', not {str(self.policy_loss)!r}",
+        )
 
 
 @struct.dataclass
@@ -212,7 +233,7 @@ def totals_from_counts(tokens: Any, rows: Any, loss_agg: str) -> Any:
 # the rows, a loss by its share of the normaliser; the sum over micro-batches is then the metric
 # of the whole mini-batch, however its rows were grouped.
 _ROW_METRICS = frozenset({"num_turns", "single_turn_frac"})
-_LOSS_METRICS = frozenset({"loss", "pg_loss", "kl_loss"})
+_LOSS_METRICS = frozenset({"loss", "pg_loss", "kl_loss", "entropy_loss"})
 
 
 def metric_shares(
@@ -233,9 +254,13 @@ def metric_shares(
 def loss_from_log_probs(
     log_probs: jax.Array, entropy: jax.Array, rows: Any, settings: LossSettings
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The configured loss of [rows, R] log-probs (and entropies, for the metric) of the
-    response tokens; ``rows`` holds ``loss_mask``, ``advantages``, ``old_log_probs`` and
-    ``ref_log_probs`` [rows, R] (:class:`PolicyRows` or ``packing.PackedBatch``)."""
+    """The configured loss of [rows, R] log-probs and exact entropies of the response tokens;
+    ``rows`` holds ``loss_mask``, ``advantages``, ``old_log_probs`` and ``ref_log_probs``
+    [rows, R] (:class:`PolicyRows` or ``packing.PackedBatch``).
+
+    The entropies always give the ``entropy`` metric (token mean, no gradient); with
+    ``settings.entropy_coef`` they also enter the loss, with their gradient:
+    loss = policy loss + kl_coef x KL − entropy_coef x aggregate(entropy, loss_agg)."""
     common = dict(
         clip_low=settings.clip_low, clip_high=settings.clip_high, loss_agg=settings.loss_agg
     )
@@ -250,7 +275,10 @@ def loss_from_log_probs(
         )
     else:
         loss, metrics = kernels.ppo_policy_loss(
-            *args, dual_clip=settings.dual_clip or None, **common
+            *args,
+            dual_clip=settings.dual_clip or None,
+            entropy_balanced_clipping=settings.entropy_balanced_clipping,
+            **common,
         )
     metrics = dict(metrics)
     metrics["pg_loss"] = loss
@@ -261,6 +289,10 @@ def loss_from_log_probs(
         kl_loss = kernels.aggregate_loss(kl, mask, settings.loss_agg)
         metrics["kl_loss"] = kl_loss
         loss = loss + settings.kl_coef * kl_loss
+    if settings.entropy_coef:
+        entropy_loss = kernels.aggregate_loss(entropy, mask, settings.loss_agg)
+        metrics["entropy_loss"] = jax.lax.stop_gradient(entropy_loss)
+        loss = loss - settings.entropy_coef * entropy_loss
     metrics["loss"] = loss
     return loss, metrics
 

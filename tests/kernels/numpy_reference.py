@@ -128,9 +128,21 @@ def turn_objective(
 
 
 def ppo_objective(
-    logp, old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0, agg="token-mean"
+    logp,
+    old,
+    adv,
+    mask,
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=3.0,
+    agg="token-mean",
+    entropy_balanced=False,
 ):
-    """Token-level PPO with dual clip: (loss, per-token loss matrix, per-token gradient of loss_t)."""
+    """Token-level PPO with dual clip: (loss, per-token loss matrix, per-token gradient of loss_t).
+
+    ``entropy_balanced``: AEPO's clipping, whose upper bound (1+ε_h)·r/sg(r) carries the gradient
+    (1+ε_h)·∇logp, so a token clipped at the top keeps that gradient instead of none.
+    """
     rows, length = logp.shape
     loss_mat = np.zeros((rows, length))
     dloss = np.zeros((rows, length))
@@ -143,6 +155,8 @@ def ppo_objective(
             a = adv[s, t]
             value, flows = _clip_objective(a, r, clip_low, clip_high)
             grad = -a * r if flows else 0.0
+            if entropy_balanced and not flows and r > 1 + clip_high:
+                grad = -a * (1 + clip_high)
             if dual_clip is not None and a < 0 and value > -a * dual_clip:
                 value, grad = -a * dual_clip, 0.0
             loss_mat[s, t] = value

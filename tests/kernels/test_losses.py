@@ -92,13 +92,20 @@ def test_gspo_loss_and_gradient_match_numpy_loop(call, inputs):
     inputs=loss_inputs(scale=0.3),
     agg=st.sampled_from(kernels.LOSS_AGG_MODES),
     dual_clip=st.sampled_from([3.0, None]),
+    balanced=st.booleans(),
 )
-def test_ppo_loss_and_gradient_match_numpy_loop(call, inputs, agg, dual_clip):
+def test_ppo_loss_and_gradient_match_numpy_loop(call, inputs, agg, dual_clip, balanced):
     new, old, adv, mask = inputs
-    kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, loss_agg=agg)
+    kwargs = dict(
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip=dual_clip,
+        loss_agg=agg,
+        entropy_balanced_clipping=balanced,
+    )
     loss, _ = call(kernels.ppo_policy_loss, new, old, adv, mask, **kwargs)
     want_loss, _, want_grad = ref.ppo_objective(
-        new, old, adv, mask, 0.2, 0.28, dual_clip=dual_clip, agg=agg
+        new, old, adv, mask, 0.2, 0.28, dual_clip=dual_clip, agg=agg, entropy_balanced=balanced
     )
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
@@ -235,6 +242,35 @@ def test_golden_5_masked_tokens_get_zero_gradient_whatever_they_hold(call, grad_
     assert np.all(np.isfinite(grad))
     np.testing.assert_array_equal(grad[mask == 0], 0.0)
     assert np.all(grad[mask == 1] != 0.0)
+
+
+def test_entropy_balanced_clipping_keeps_the_gradient_of_upper_clipped_tokens(call):
+    # Ratios e^0.5 ≈ 1.65 (above 1 + 0.2), 1.0 and e^-0.5 ≈ 0.61 (below 1 - 0.2), for A = +1 and -1.
+    shift = np.array([0.5, 0.0, -0.5])
+    old = np.full((2, 3), -1.0)
+    new = old + shift
+    adv = np.array([[1.0] * 3, [-1.0] * 3])
+    mask = np.ones((2, 3), np.int32)
+    kwargs = dict(clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    hard, hard_metrics = call(kernels.ppo_policy_loss, new, old, adv, mask, **kwargs)
+    soft, soft_metrics = call(
+        kernels.ppo_policy_loss, new, old, adv, mask, entropy_balanced_clipping=True, **kwargs
+    )
+    # The value does not change: row 1 = -(1.2 + 1 + e^-0.5), row 2 = e^0.5 + 1 + 0.8, / 6.
+    want = (-(1.2 + 1.0 + np.exp(-0.5)) + (np.exp(0.5) + 1.0 + 0.8)) / 6
+    np.testing.assert_allclose([hard, soft], [want, want], rtol=1e-6)
+    assert hard_metrics["clipfrac"] == soft_metrics["clipfrac"] == pytest.approx(2 / 6)
+    # Gradients (token-mean over 6 tokens): only the A > 0, r > 1.2 token differs: -1.2/6, not 0.
+    hard_grad = np.asarray(call(ppo_grad, new, old, adv, mask, **kwargs))
+    soft_grad = np.asarray(
+        call(ppo_grad, new, old, adv, mask, entropy_balanced_clipping=True, **kwargs)
+    )
+    ratio = np.exp(shift)
+    want_hard = np.array([[0.0, -1.0, -ratio[2]], [ratio[0], 1.0, 0.0]]) / 6
+    np.testing.assert_allclose(hard_grad, want_hard, rtol=1e-6)
+    want_soft = want_hard.copy()
+    want_soft[0, 0] = -1.2 / 6
+    np.testing.assert_allclose(soft_grad, want_soft, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- gradients vs finite differences

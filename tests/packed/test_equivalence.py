@@ -200,15 +200,24 @@ def _capture_gradients() -> optax.GradientTransformation:
 
 
 @pytest.mark.parametrize(
-    "policy_loss, loss_agg, credit, kl, layouts_checked",
+    "policy_loss, loss_agg, credit, kl, layouts_checked, extra",
     [
-        ("atpo", "seq-mean-token-mean", "tree", 0.05, ("rows", "tree")),
-        ("ppo", "token-mean", "grpo", 0.0, ("rows", "tree")),
-        ("gspo", "seq-mean-token-sum-norm", "grpo", 0.05, ("tree",)),
-        ("atpo", "seq-mean-token-sum", "tree", 0.0, ("tree",)),
+        ("atpo", "seq-mean-token-mean", "tree", 0.05, ("rows", "tree"), {}),
+        ("ppo", "token-mean", "grpo", 0.0, ("rows", "tree"), {}),
+        ("gspo", "seq-mean-token-sum-norm", "grpo", 0.05, ("tree",), {}),
+        ("atpo", "seq-mean-token-sum", "tree", 0.0, ("tree",), {}),
+        # The entropy bonus: its gradient reaches a shared token once per row that holds it.
+        (
+            "ppo",
+            "seq-mean-token-mean",
+            "grpo",
+            0.05,
+            ("tree",),
+            {"entropy_coef": 0.1, "entropy_balanced_clipping": True},
+        ),
     ],
 )
-def test_update_programs_agree(forest, policy_loss, loss_agg, credit, kl, layouts_checked):
+def test_update_programs_agree(forest, policy_loss, loss_agg, credit, kl, layouts_checked, extra):
     graphdef, params, batches = forest
     batch, ref = batches[credit]
     settings = LossSettings(
@@ -218,6 +227,7 @@ def test_update_programs_agree(forest, policy_loss, loss_agg, credit, kl, layout
         kl_kind="mse" if loss_agg.endswith("norm") else "low_var_kl",
         clip_low=0.2,
         clip_high=0.28,
+        **extra,
     )
     opt = _capture_gradients()
     micro_rows = next(m for m in (4, 3, 2, 1) if batch.num_rows % m == 0)

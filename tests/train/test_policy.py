@@ -18,6 +18,7 @@ from atpo_jax import kernels, models
 from atpo_jax.rollout.pack import RowArrays, TreeArrays
 from atpo_jax.train.credit import CreditSettings, assign_credit
 from atpo_jax.train.policy import LossSettings, make_update_fn, policy_rows
+from tests.kernels.numpy_reference import aggregation_weights
 
 CONFIG = models.ModelConfig(
     model_type="llama",
@@ -52,11 +53,19 @@ def _rows(seed: int):
 
 
 def _direct_loss(model: models.CausalLM, rows, settings: LossSettings) -> jax.Array:
-    """The kernel loss on log-probs gathered from the full-vocabulary forward of every row."""
+    """The kernel loss on log-probs gathered from the full-vocabulary forward of every row,
+    minus the entropy bonus: entropy_coef x the full softmax's entropy, weighted per token as
+    the aggregation weighs it."""
     logits = model(rows.input_ids, rows.attention_mask)[:, PROMPT - 1 : -1]
-    log_probs = jnp.take_along_axis(
-        jax.nn.log_softmax(logits.astype(jnp.float32)), rows.response[..., None], axis=-1
-    )[..., 0]
+    log_softmax = jax.nn.log_softmax(logits.astype(jnp.float32))
+    log_probs = jnp.take_along_axis(log_softmax, rows.response[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(log_softmax) * log_softmax, axis=-1)
+    weights = aggregation_weights(np.asarray(rows.loss_mask), str(settings.loss_agg))
+    bonus = settings.entropy_coef * jnp.sum(entropy * weights)
+    return _direct_policy_loss(log_probs, rows, settings) - bonus
+
+
+def _direct_policy_loss(log_probs, rows, settings: LossSettings) -> jax.Array:
     args = (log_probs, rows.old_log_probs, rows.advantages, rows.loss_mask)
     common = dict(
         clip_low=settings.clip_low, clip_high=settings.clip_high, loss_agg=settings.loss_agg
@@ -65,24 +74,32 @@ def _direct_loss(model: models.CausalLM, rows, settings: LossSettings) -> jax.Ar
         return kernels.atpo_policy_loss(*args, **common)[0]
     if settings.policy_loss == "gspo":
         return kernels.gspo_policy_loss(*args, **common)[0]
-    return kernels.ppo_policy_loss(*args, dual_clip=settings.dual_clip, **common)[0]
+    return kernels.ppo_policy_loss(
+        *args,
+        dual_clip=settings.dual_clip,
+        entropy_balanced_clipping=settings.entropy_balanced_clipping,
+        **common,
+    )[0]
 
 
 @pytest.mark.parametrize(
-    ("policy_loss", "loss_agg"),
+    ("policy_loss", "loss_agg", "extra"),
     [
-        ("atpo", "seq-mean-token-mean"),
-        ("atpo", "token-mean"),
-        ("atpo", "seq-mean-token-sum"),
-        ("atpo", "seq-mean-token-sum-norm"),
-        ("gspo", "seq-mean-token-mean"),
-        ("ppo", "token-mean"),
+        ("atpo", "seq-mean-token-mean", {}),
+        ("atpo", "token-mean", {}),
+        ("atpo", "seq-mean-token-sum", {}),
+        ("atpo", "seq-mean-token-sum-norm", {}),
+        ("gspo", "seq-mean-token-mean", {}),
+        ("ppo", "token-mean", {}),
+        # The entropy bonus (its gradient through the chunked lm_head) and AEPO's clipping.
+        ("atpo", "seq-mean-token-mean", {"entropy_coef": 0.5}),
+        ("ppo", "token-mean", {"entropy_coef": 0.5, "entropy_balanced_clipping": True}),
     ],
 )
-def test_micro_batched_update_is_the_full_batch_gradient(policy_loss, loss_agg):
+def test_micro_batched_update_is_the_full_batch_gradient(policy_loss, loss_agg, extra):
     rows = jax.tree.map(jnp.asarray, _rows(0))
     settings = LossSettings(
-        policy_loss=policy_loss, clip_low=0.2, clip_high=0.28, loss_agg=loss_agg
+        policy_loss=policy_loss, clip_low=0.2, clip_high=0.28, loss_agg=loss_agg, **extra
     )
     model = models.CausalLM(CONFIG, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -92,11 +109,25 @@ def test_micro_batched_update_is_the_full_batch_gradient(policy_loss, loss_agg):
 
     loss, grads = jax.value_and_grad(direct)(params)
     assert float(optax.tree.norm(grads)) > 0
+    if extra:  # the options change the gradient on these rows (a test that can fail)
+        plain = LossSettings(
+            policy_loss=policy_loss, clip_low=0.2, clip_high=0.28, loss_agg=loss_agg
+        )
+        plain_grads = jax.grad(lambda p: _direct_loss(nnx.merge(graphdef, p), rows, plain))(params)
+        moved = optax.tree.norm(jax.tree.map(jnp.subtract, grads, plain_grads))
+        assert float(moved) > 1e-3 * float(optax.tree.norm(grads))
     sgd = optax.sgd(1.0)  # new params = params - gradient
-    for micro_rows in (1, 2, ROWS):
+    # The options' cases check the options (one micro-batch split: the others check the splits).
+    for micro_rows in (2,) if extra else (1, 2, ROWS):
         update = make_update_fn(graphdef, sgd, settings, micro_rows, donate=False)
         new_params, _, metrics = update(params, sgd.init(params), rows)
         np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5, atol=1e-6)
+        if "entropy_coef" in extra:
+            # The bonus and the entropy metric aggregate the same entropies (equal under
+            # token-mean), whatever the micro-batches.
+            assert float(metrics["entropy_loss"]) > 0
+            if loss_agg == "token-mean":
+                np.testing.assert_allclose(metrics["entropy_loss"], metrics["entropy"], rtol=1e-5)
         np.testing.assert_allclose(
             metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-4, atol=1e-7
         )
