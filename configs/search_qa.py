@@ -8,8 +8,8 @@ Variants:
   ``tiny`` (default) — the synthetic multi-hop world, a tiny random Llama, a supervised warm
       start on noisy expert demonstrations, then AT²PO; runs on a 2-core CPU in about 9 minutes.
   ``qwen3_4b`` — the paper's recipe (ALGORITHM.md §5). It needs ``model.path``, ``data.train_files``,
-      ``data.eval_files`` and ``tools.retriever_url`` (or ``tools.corpus``) and refuses to start
-      without them.
+      ``data.eval_files`` and ``tools.retriever_url`` (or ``tools.index`` with
+      ``tools.method=dense``, or ``tools.corpus``) and refuses to start without them.
 
 Every setting, its default and its meaning is in the dataclass of the section that owns it
 (``RunSettings`` in ``atpo_jax/train/settings.py`` lists them: ``model`` ->
@@ -88,7 +88,11 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def qwen3_4b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The paper's recipe (ALGORITHM.md §5): Qwen3-4B, 64 prompts x 22 leaves, lr 1e-6, bf16."""
     c.variant = "qwen3_4b"
-    c.required = ("model.path", "data.train_files", "tools.retriever_url|tools.corpus")
+    c.required = (
+        "model.path",
+        "data.train_files",
+        "tools.retriever_url|tools.index|tools.corpus",  # a service, a dense index, or BM25
+    )
     c.data.source = "files"
     c.model.dtype = "bfloat16"  # bf16 compute on float32 master weights (the reference's FSDP
     c.model.param_dtype = "float32"  # mixed precision): bf16 masters barely move at lr 1e-6

@@ -4,7 +4,7 @@ Typical use in a rollout::
 
     from atpo_jax import tools
 
-    retriever = tools.LocalBM25Retriever("corpus.jsonl")          # or tools.HttpRetriever(url)
+    retriever = tools.LocalBM25Retriever("corpus.jsonl")  # or tools.DenseRetriever(index_dir), HttpRetriever(url)
     toolbox = tools.Toolbox([tools.SearchTool(retriever, topk=3)])
     decision = tools.decide_turn(turn_text, stop_string, tool_tags=toolbox.tags, calls_made=n)
     if decision.action is tools.TurnAction.CALL:
@@ -18,6 +18,7 @@ from atpo_jax.tools.base import Passage, RetrievalError, Retriever, Tool, ToolRe
 from atpo_jax.tools.bm25 import BM25Params, LocalBM25Retriever
 from atpo_jax.tools.cache import RetrievalCache
 from atpo_jax.tools.corpus import CorpusError, read_corpus, write_corpus
+from atpo_jax.tools.dense import DenseRetriever
 from atpo_jax.tools.http_retriever import HttpRetriever, RetryPolicy
 from atpo_jax.tools.parsing import (
     CALL_LIMIT_WARNING,
@@ -45,6 +46,7 @@ __all__ = [
     "CALL_LIMIT_WARNING",
     "CorpusError",
     "DEFAULT_CALL_LIMIT",
+    "DenseRetriever",
     "HttpRetriever",
     "LocalBM25Retriever",
     "MalformedResponseError",

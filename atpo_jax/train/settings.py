@@ -166,8 +166,9 @@ class RunSettings:
             "sampler's log-probs are then the policy's); use 'recompute' otherwise",
         )
         check(
-            not (r.mode == RolloutMode.CHAIN and self.credit.mode == CreditMode.TREE),
-            "rollout.mode='chain' has no tree to assign credit on: set credit.mode='grpo'",
+            not (r.mode != RolloutMode.TREE and self.credit.mode == CreditMode.TREE),
+            f"rollout.mode={str(r.mode)!r} has no tree to assign credit on (the reference's "
+            "chain baselines, AEPO's included, use the GRPO advantage): set credit.mode='grpo'",
         )
         check(
             self.sft.steps == 0 or self.data.source == DataSource.SYNTHETIC,
@@ -204,7 +205,7 @@ class RunSettings:
         builder, before anything is read or built)."""
         missing = [n for n in self.required if not any(self.lookup(m) for m in n.split("|"))]
         if missing:
-            wanted = ", ".join(m.replace("|", " (or ") + (")" if "|" in m else "") for m in missing)
+            wanted = ", ".join(_alternatives(m) for m in missing)
             example = " ".join(f"--config.{m.split('|')[0]}=..." for m in missing)
             raise ConfigError(f"the {self.variant} variant needs {wanted}: e.g. {example}")
 
@@ -218,3 +219,9 @@ class RunSettings:
                 raise ConfigError(f"required={self.required}: {dotted!r} names no setting")
             value = getattr(value, part)
         return value
+
+
+def _alternatives(required: str) -> str:
+    """``"a|b|c"`` -> ``"a (or b or c)"``."""
+    first, *rest = required.split("|")
+    return first + (f" (or {' or '.join(rest)})" if rest else "")

@@ -129,3 +129,24 @@ def qa_files(world_dir, tmp_path_factory) -> dict[str, str]:
     write_rows(read_rows(os.path.join(world_dir, "train.parquet"))[:16], files["train"])
     write_rows(read_rows(os.path.join(world_dir, "test.parquet"))[:8], files["test"])
     return files
+
+
+@pytest.fixture(scope="session")
+def world_dense_index(world_dir, tmp_path_factory) -> dict[str, str]:
+    """The settings of ``tools.method=dense`` over the world's corpus: a dense index built here
+    with a tiny random e5-style encoder (tests/tools/dense_helpers.py)."""
+    from atpo_jax.models.text_encoder import TextEncoder
+    from atpo_jax.tools.dense_index import build_dense_index
+    from tests.tools.dense_helpers import save_tiny_bert
+
+    root = tmp_path_factory.mktemp("dense")
+    encoder, index = str(root / "encoder"), str(root / "index")
+    save_tiny_bert(encoder)
+    build_dense_index(
+        TextEncoder.from_pretrained(encoder, max_length=32, batch_size=64),
+        os.path.join(world_dir, "corpus.jsonl"),
+        index,
+        shard_size=64,
+        progress=False,
+    )
+    return {"tools.method": "dense", "tools.index": index, "tools.encoder": encoder}
