@@ -24,6 +24,7 @@ from atpo_jax.data.rows import QARow
 from atpo_jax.data.settings import DataSource
 from atpo_jax.data.synthetic import build_synthetic_world, load_tokenizer
 from atpo_jax.rollout.engine import Engine, cache_shardings, dense_equivalent_pages
+from atpo_jax.rollout.settings import RolloutMode
 from atpo_jax.rollout.tree_search import TreeSearch
 from atpo_jax.settings import ConfigError
 from atpo_jax.tools.settings import build_toolbox, check_retriever
@@ -54,6 +55,14 @@ def build_run(
     if training:  # evaluation brings its own checkpoint and needs no training files
         settings.check_required()
     settings.model.check_backend()
+    if training and settings.rollout.mode == RolloutMode.AEPO:
+        # The branching decisions exist (atpo_jax/rollout/aepo.py) but the rollout loop does
+        # not run their rounds yet: the loop would grow plain chains and duplicate leaves.
+        raise ConfigError(
+            "rollout.mode='aepo' is validated but not wired into the rollout yet (AEPO's "
+            "branching rounds, atpo_jax/rollout/aepo.py, wait for the rollout scheduler); use "
+            "rollout.mode='chain' or 'tree' for now"
+        )
     os.makedirs(workdir, exist_ok=True)
     # Process 0 writes the synthetic world's files first; the others then only read them.
     data = parallel.main_process_first(

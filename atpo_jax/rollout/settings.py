@@ -13,6 +13,9 @@ from atpo_jax.settings import StrEnum, check, coerce_choices
 class RolloutMode(StrEnum):
     TREE = "tree"  # AT²PO: initial chains, then entropy-guided expansion rounds
     CHAIN = "chain"  # samples_per_tree independent chains per prompt (the GRPO baselines)
+    # AEPO: initial_rollouts chains that branch after tool rounds on an entropy rise
+    # (rollout.aepo: the decision logic; the rollout loop does not run it yet)
+    AEPO = "aepo"
 
 
 class ExpansionMode(StrEnum):
@@ -35,12 +38,26 @@ class ToolFailureRule(StrEnum):
     ERROR_TEXT = "error_text"  # the reference's chain rollout: a failure note, then continue
 
 
+class CallLimitRule(StrEnum):
+    WARN = "warn"  # the reference's tree rollout: a masked warning, then the turn goes on
+    EOS = "eos"  # the reference's chain rollout (GRPO/AEPO): a trained EOS ends the chain
+
+
+class AEPOEntropy(StrEnum):
+    """AEPO's branching entropy over the first ``aepo_entropy_positions`` tokens of a call."""
+
+    TOPK = "topk"  # the reference: -sum p log p over the top-k entries the sampler returned
+    EXACT = "exact"  # the exact entropy of each position's distribution
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
     """How trees are grown, how turns end, how tokens are sampled, and the engine's KV pool.
 
     Attributes:
-      mode: ``tree`` (AT²PO) or ``chain`` (independent chains, the GRPO baselines).
+      mode: ``tree`` (AT²PO), ``chain`` (independent chains, the GRPO/GSPO baselines) or
+        ``aepo`` (``initial_rollouts`` chains that branch on an entropy rise up to
+        ``samples_per_tree`` chains, the AEPO baseline; ``atpo_jax.rollout.aepo``).
       initial_rollouts, expansion_iterations, beam_size: the tree shape (I, E, B): I chains, then
         E rounds that each branch B picked nodes of every tree.
       samples_per_tree: leaves kept per tree (training rows per prompt); a tree recipe must grow
@@ -49,7 +66,9 @@ class RolloutSettings:
       expansion_penalty: α in score = entropy − α · max(0, siblings − 1).
       entropy_estimator: the branching signal: ``sampled_nll`` (the paper) or ``exact``.
       max_prompt_len, max_response_len: token limits; the response budget is per row.
-      call_limit: tool calls per chain; later calls get a (masked) warning and generation goes on.
+      call_limit: tool calls per chain; what a later call gets is ``call_limit_rule``.
+      call_limit_rule: ``warn`` (the reference's tree: a masked warning, generation goes on) or
+        ``eos`` (the reference's chain rollout: a trained EOS ends the chain).
       observation_margin: a tool result that does not fit is cut to leave this many tokens.
       empty_call: ``eos`` (the reference: a trained EOS ends the chain) or ``leaf``.
       tool_failure: ``leaf`` (end the chain) or ``error_text`` (insert a failure note, continue).
@@ -66,6 +85,17 @@ class RolloutSettings:
         ``page_size`` (0: enough for ``num_slots`` full sequences, so nothing waits; set it to
         what the device memory holds, see docs/rollout.md). When it is full, chains wait.
       trace_every: write an HTML/JSONL tree trace every k training steps (0: never).
+      aepo_entropy: AEPO's branching entropy H of a call (``atpo_jax.rollout.aepo``): ``topk``
+        (the reference: over the sampler's top-``aepo_entropy_topk`` entries) or ``exact``; H
+        sums over the call's first ``aepo_entropy_positions`` tokens, divided by log |V|.
+      aepo_entropy_topk: entries per position of the ``topk`` entropy (the reference's vLLM
+        ``logprobs=10``; the sampled token is added when it is not among them).
+      aepo_entropy_positions: leading tokens of a call that H sums over (the reference: 20).
+      aepo_entropy_weight: w in the branching score u + w (H_now − H_first) (the reference's
+        ``entropy_weight``).
+      aepo_branch_threshold: a copy is made when the score, times the consecutive-branch
+        factor and clamped to [0, 1], is >= this (the reference's ``branch_probability``).
+      aepo_branch_penalty: the factor is max(0, 1 − penalty × consecutive branching rounds).
     """
 
     mode: RolloutMode = RolloutMode.TREE
@@ -79,6 +109,7 @@ class RolloutSettings:
     max_prompt_len: int = 2000
     max_response_len: int = 6192
     call_limit: int = 6
+    call_limit_rule: CallLimitRule = CallLimitRule.WARN
     observation_margin: int = 100
     empty_call: EmptyCallRule = EmptyCallRule.EOS
     tool_failure: ToolFailureRule = ToolFailureRule.LEAF
@@ -92,6 +123,12 @@ class RolloutSettings:
     page_size: int = 16
     kv_pages: int = 0
     trace_every: int = 0
+    aepo_entropy: AEPOEntropy = AEPOEntropy.TOPK
+    aepo_entropy_topk: int = 10
+    aepo_entropy_positions: int = 20
+    aepo_entropy_weight: float = 0.2
+    aepo_branch_threshold: float = 0.5
+    aepo_branch_penalty: float = 0.05
 
     def __post_init__(self) -> None:
         coerce_choices(self, "rollout")
@@ -105,6 +142,8 @@ class RolloutSettings:
             "decode_chunk",
             "kv_bucket",
             "page_size",
+            "aepo_entropy_topk",
+            "aepo_entropy_positions",
         ):
             check(
                 getattr(self, name) >= 1, f"rollout.{name} must be >= 1, got {getattr(self, name)}"
@@ -140,6 +179,7 @@ class RolloutSettings:
             f"rollout.kv_pages={self.kv_pages} must be 0 (dense-equivalent) or >= 2",
         )
         check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        self._check_aepo()
         # The tree search keeps one slot for the prompt plus one per chain of a tree.
         check(
             self.num_slots >= 1 + self.chains_per_tree,
@@ -148,6 +188,29 @@ class RolloutSettings:
             f"{1 + self.chains_per_tree}",
         )
 
+    def _check_aepo(self) -> None:
+        for name in ("aepo_entropy_weight", "aepo_branch_penalty"):
+            value = getattr(self, name)
+            check(math.isfinite(value), f"rollout.{name} must be a finite number, got {value}")
+        check(
+            self.aepo_branch_penalty >= 0,
+            f"rollout.aepo_branch_penalty={self.aepo_branch_penalty} must be >= 0",
+        )
+        check(
+            0.0 <= self.aepo_branch_threshold <= 1.0,
+            f"rollout.aepo_branch_threshold={self.aepo_branch_threshold} must be in [0, 1] (the "
+            "branching score is clamped to [0, 1] before the comparison)",
+        )
+        if self.mode == RolloutMode.AEPO:
+            check(
+                self.initial_rollouts <= self.samples_per_tree and self.beam_size >= 1,
+                f"rollout.mode='aepo' starts rollout.initial_rollouts={self.initial_rollouts} "
+                f"chains and grows them to rollout.samples_per_tree={self.samples_per_tree} "
+                f"(n), each active chain making up to rollout.beam_size - 1 copies per round "
+                f"(beam_size={self.beam_size}): initial_rollouts must be <= samples_per_tree and "
+                "beam_size >= 1 (1: no copies, fresh chains only)",
+            )
+
     @property
     def initial_chains(self) -> int:
         """Chains started from the prompt before any expansion."""
@@ -155,14 +218,17 @@ class RolloutSettings:
 
     @property
     def chains_per_tree(self) -> int:
-        """Chains (hence leaves) a tree grows before pruning/duplication."""
-        if self.mode == RolloutMode.CHAIN:
+        """Chains (hence leaves) a tree grows before pruning/duplication (AEPO: exactly n, its
+        copies and fresh chains stop there)."""
+        if self.mode in (RolloutMode.CHAIN, RolloutMode.AEPO):
             return self.samples_per_tree
         return self.initial_rollouts + self.expansion_iterations * self.beam_size
 
     @property
     def rounds(self) -> int:
-        return 0 if self.mode == RolloutMode.CHAIN else self.expansion_iterations
+        """Expansion rounds after the initial chains (tree mode only: AEPO branches inside
+        its chains' growth)."""
+        return self.expansion_iterations if self.mode == RolloutMode.TREE else 0
 
     @property
     def max_len(self) -> int:

@@ -9,10 +9,15 @@ Three moments decide a node's fate:
 
 - :func:`after_generation`: the engine stopped (EOS, a stop string, the budget). A closing tool tag
   is parsed from the current generation piece (``tools.parsing.decide_turn``): a call, an empty call,
-  or the call limit (a masked warning, then the turn continues).
+  or the call limit (``call_limit_rule``: a masked warning, then the turn continues, as the
+  reference's tree; or a trained EOS that ends the chain, as its chain rollout).
 - :func:`after_tool`: the tool answered. A result becomes the observation that starts a child node
   (cut to leave ``observation_margin`` tokens when it does not fit); a failure ends the chain or
-  inserts the failure note (``tool_failure``).
+  inserts the failure note ``Tool(<tag>) returned empty output.`` (``tool_failure``).
+
+The reference's chain rollout (the GRPO/GSPO/AEPO baselines, ALGORITHM.md §5) is
+``call_limit_rule='eos'``, ``tool_failure='error_text'`` and ``empty_call='leaf'`` (an empty call
+there just ends the chain, no EOS); its tree rollout is the defaults.
 - :func:`out_of_room`: before generating again, a node whose row used the whole response budget
   ends as a truncated leaf.
 """
@@ -22,14 +27,25 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection
 
-from atpo_jax.rollout.settings import EmptyCallRule, RolloutSettings, ToolFailureRule
+from atpo_jax.rollout.settings import (
+    CallLimitRule,
+    EmptyCallRule,
+    RolloutSettings,
+    ToolFailureRule,
+)
 from atpo_jax.settings import StrEnum
 from atpo_jax.tools.base import ToolResult
 from atpo_jax.tools.parsing import TurnAction, decide_turn
 from atpo_jax.tools.passages import format_observation
 
-# What the reference's chain rollout inserts after a failed tool call (ALGORITHM.md §1.4).
-TOOL_FAILURE_TEXT = "Tool(search) returned empty output."
+
+def tool_failure_text(tag: str) -> str:
+    """What the reference's chain rollout inserts after a failed call of the tool ``tag``
+    (ALGORITHM.md §1.4; ``f"Tool({tag}) returned empty output."`` in its code)."""
+    return f"Tool({tag}) returned empty output."
+
+
+TOOL_FAILURE_TEXT = tool_failure_text("search")
 
 
 class Outcome(StrEnum):
@@ -49,6 +65,7 @@ class Finish(StrEnum):
     TOOL_FAILURE = "tool_failure"
     EMPTY_CALL = "empty_call"
     NO_ROOM = "no_room"  # no room left for any of the tool's result
+    CALL_LIMIT = "call_limit"  # a call past the limit ended the chain (call_limit_rule='eos')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +79,8 @@ class Decision:
         call-limit warning (``CONTINUE``, appended to this node) or the observation (``CHILD``,
         the start of the new child).
       force_eos: append one EOS token, trained (loss mask 1) and scored by the engine as if
-        sampled (the reference's rule after an empty tool call).
+        sampled (the reference's rule after an empty tool call, and its chain rollout's at the
+        call limit).
       calls_made: the chain's tool-call counter after this decision.
       tag, query: the tool and its input (``CALL``).
       call_limit_hit, truncated: what the ``rollout/call_limit_hits`` and
@@ -99,6 +117,7 @@ def after_generation(
     ``length``); ``piece_text`` is the decoded text generated since the last insertion, and
     ``response_length`` the row's response tokens so far (this generation included)."""
     budget, empty_call = settings.max_response_len, settings.empty_call
+    call_limit_rule = settings.call_limit_rule
     if finish_reason == "eos":
         return leaf(Finish.EOS, calls_made)
     if finish_reason != "stop":
@@ -118,6 +137,9 @@ def after_generation(
             Finish.EMPTY_CALL, turn.calls_made, force_eos=empty_call == EmptyCallRule.EOS and room
         )
     if turn.action is TurnAction.CALL_LIMIT:
+        if call_limit_rule == CallLimitRule.EOS:
+            room = response_length < budget
+            return leaf(Finish.CALL_LIMIT, turn.calls_made, force_eos=room, call_limit_hit=True)
         warning = tuple(encode(turn.insert_text))
         if len(warning) >= budget - response_length:
             return leaf(Finish.LENGTH, turn.calls_made, call_limit_hit=True)
@@ -132,12 +154,14 @@ def after_tool(
     response_length: int,
     settings: RolloutSettings,
     encode: Callable[[str], list[int]],
+    tag: str = "search",
 ) -> Decision:
-    """The tool called by the node answered ``result``; ``response_length`` as above."""
+    """The tool ``tag`` called by the node answered ``result``; ``response_length`` as above.
+    (``tag`` only names the tool in the failure note of ``tool_failure='error_text'``.)"""
     failure, margin = settings.tool_failure, settings.observation_margin
     if not result.ok and failure == ToolFailureRule.LEAF:
         return leaf(Finish.TOOL_FAILURE, calls_made)
-    text = result.text if result.ok else TOOL_FAILURE_TEXT
+    text = result.text if result.ok else tool_failure_text(tag)
     observation = encode(format_observation(text))
     room = settings.max_response_len - response_length
     if len(observation) > room:

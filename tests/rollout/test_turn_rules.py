@@ -68,6 +68,21 @@ def test_the_call_limit_inserts_the_warning_or_ends_without_room():
     assert d == R.leaf(R.Finish.LENGTH, 2, call_limit_hit=True)
 
 
+def test_the_chain_rollouts_call_limit_ends_the_chain_with_a_trained_eos():
+    # The reference's chain rollout (GRPO/AEPO baselines): the 7th call (limit 6) is not run; one
+    # EOS (mask 1) is appended and the chain ends, no warning.
+    settings = RolloutSettings(max_response_len=500, call_limit=6, call_limit_rule="eos")
+    d = after_generation(calls_made=6, settings=settings)
+    assert d == R.Decision(
+        R.Outcome.LEAF, 6, finish=R.Finish.CALL_LIMIT, force_eos=True, call_limit_hit=True
+    )
+    assert d.tokens == ()
+    # Under the limit it is still a call; at the budget there is no room for the EOS.
+    assert after_generation(calls_made=5, settings=settings).outcome == R.Outcome.CALL
+    full = after_generation(calls_made=6, response_length=500, settings=settings)
+    assert full == R.leaf(R.Finish.CALL_LIMIT, 6, call_limit_hit=True)
+
+
 def test_a_tool_result_starts_a_child_and_is_cut_to_leave_the_margin():
     result = ToolResult(ok=True, text="doc " * 20, status="ok")
     observation = encode(format_observation(result.text))
@@ -97,8 +112,21 @@ def test_a_failed_tool_ends_the_chain_or_inserts_the_failure_note(rule):
     if rule == "leaf":
         assert d == R.leaf(R.Finish.TOOL_FAILURE, 1)
     else:
-        note = encode(format_observation(R.TOOL_FAILURE_TEXT))
-        assert d.outcome == R.Outcome.CHILD and d.tokens == tuple(note)
+        note = encode(format_observation("Tool(search) returned empty output."))
+        assert d == R.Decision(R.Outcome.CHILD, 1, finish=R.Finish.TOOL, tokens=tuple(note))
+        assert R.TOOL_FAILURE_TEXT == "Tool(search) returned empty output."
+        # The note names the tool that failed, as the reference's f"Tool({tag}) ...".
+        d = R.after_tool(
+            result=failed,
+            calls_made=1,
+            response_length=0,
+            settings=settings,
+            encode=encode,
+            tag="python",
+        )
+        assert d.tokens == tuple(
+            encode(" <result>\nTool(python) returned empty output.\n</result>")
+        )
 
 
 def test_out_of_room():
@@ -112,6 +140,6 @@ def test_out_of_room():
 
 def test_finish_reasons_keep_their_strings():
     assert [f.value for f in R.Finish] == [
-        "tool", "eos", "stop", "length", "tool_failure", "empty_call", "no_room",
+        "tool", "eos", "stop", "length", "tool_failure", "empty_call", "no_room", "call_limit",
     ]  # fmt: skip
     assert R.Finish.EOS == "eos" and f"{R.Finish.NO_ROOM}" == "no_room"
