@@ -10,6 +10,13 @@ Variants:
   ``qwen3_4b`` — the paper's recipe (ALGORITHM.md §5). It needs ``model.path``, ``data.train_files``,
       ``data.eval_files`` and ``tools.retriever_url`` (or ``tools.index`` with
       ``tools.method=dense``, or ``tools.corpus``) and refuses to start without them.
+  ``qwen3_4b_grpo``, ``qwen3_4b_gspo``, ``qwen3_4b_aepo`` — the paper's baselines with the
+      reference scripts' settings (ALGORITHM.md §5: ``AEPO/scripts/{GRPO,AEPO}_qwen3_4B.sh``):
+      chain rollouts of 16 per prompt, GRPO advantages, the token PPO loss (GSPO: sequence
+      ratio), needing what ``qwen3_4b`` needs. ``qwen3_4b_aepo`` (entropy-triggered branching)
+      validates but refuses to train until the rollout runs AEPO's rounds.
+  ``tiny_grpo``, ``tiny_gspo``, ``tiny_aepo`` — the same baselines on the ``tiny`` run (its world,
+      model, warm start, reward and 8 rows per question), for the paper's comparison on a CPU.
 
 Every setting, its default and its meaning is in the dataclass of the section that owns it
 (``RunSettings`` in ``atpo_jax/train/settings.py`` lists them: ``model`` ->
@@ -18,17 +25,29 @@ Every setting, its default and its meaning is in the dataclass of the section th
 
 Every paper ablation is one switch: ``--config.rollout.expansion_mode=random`` (random expansion),
 ``--config.credit.mode=grpo`` (outcome advantage on the tree's leaves), ``--config.loss.policy_loss=gspo``
-(sequence-level ratio), and ``--config.rollout.mode=chain --config.credit.mode=grpo
---config.loss.policy_loss=ppo`` (the GRPO chain baseline).
+(sequence-level ratio); the baselines are the ``*_grpo``, ``*_gspo`` and ``*_aepo`` variants.
 """
 
 from __future__ import annotations
+
+import functools
 
 import ml_collections
 
 from atpo_jax.config import default_config
 
-VARIANTS = ("tiny", "qwen3_4b")
+BASELINES = ("grpo", "gspo", "aepo")
+
+VARIANTS = (
+    "tiny",
+    "qwen3_4b",
+    "qwen3_4b_grpo",
+    "qwen3_4b_gspo",
+    "qwen3_4b_aepo",
+    "tiny_grpo",
+    "tiny_gspo",
+    "tiny_aepo",
+)
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -111,6 +130,89 @@ def qwen3_4b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def baseline(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    """One of the paper's baselines (``grpo``, ``gspo``, ``aepo``) on top of a recipe: what the
+    reference's ``AEPO/scripts/{GRPO,AEPO}_qwen3_4B.sh`` set over their ``ppo_trainer_dr.yaml``
+    (ALGORITHM.md §5), the sizes (rows per question, lengths, batch, learning rate) staying the
+    recipe's.
+
+    All three: chain rollouts (``sync_with_tool``) whose call limit appends a trained EOS and ends
+    the chain, whose failed tool call inserts ``Tool(search) returned empty output.`` and goes on,
+    and whose empty tool call just ends the chain (no EOS); the GRPO outcome advantage per
+    question; ``clip_ratio`` 0.2/0.2 and no entropy term (``entropy_coeff`` 0).
+
+    * ``grpo``: ``INITIAL_ROLLOUTS = n`` (independent chains), both entropy-balanced flags off
+      (so the token PPO loss with dual clip ``clip_ratio_c`` 3), ``token-mean``, KL loss
+      ``low_var_kl`` with coefficient 0.001.
+    * ``gspo``: the reference ships no GSPO script; this is its AEPO code's
+      ``enable_policy_loss_gspo=True`` on the GRPO script: the same chains, credit, clip range
+      (0.2/0.2 of the yaml, passed to ``compute_policy_loss_gspo`` unchanged) and KL, the sequence
+      ratio with its hard-coded ``seq-mean-token-mean``.
+    * ``aepo``: ``INITIAL_ROLLOUTS=8``, ``BEAM_SIZE=2``: chains that branch on an entropy rise up
+      to n (``rollout.mode=aepo``, ``entropy_weight`` 0.2, ``branch_probability`` 0.5), both
+      entropy-balanced flags on (only the clipping acts: the advantage reshaping needs entropies
+      that ``entropy_coeff`` 0 never computes, ALGORITHM.md §8 item 22), KL coefficient 0.
+    """
+    c.rollout.mode = "aepo" if method == "aepo" else "chain"
+    c.rollout.call_limit_rule = "eos"
+    c.rollout.tool_failure = "error_text"
+    c.rollout.empty_call = "leaf"
+    c.credit.mode = "grpo"
+    c.loss.clip_low = 0.2
+    c.loss.clip_high = 0.2
+    c.loss.entropy_coef = 0.0
+    c.loss.kl_kind = "low_var_kl"
+    if method == "gspo":
+        c.loss.policy_loss = "gspo"
+        c.loss.loss_agg = "seq-mean-token-mean"
+        c.loss.max_log_ratio = 10.0
+        c.loss.kl_coef = 0.001
+    else:
+        c.loss.policy_loss = "ppo"
+        c.loss.loss_agg = "token-mean"
+        c.loss.dual_clip = 3.0
+        c.loss.entropy_balanced_clipping = method == "aepo"
+        c.loss.kl_coef = 0.0 if method == "aepo" else 0.001
+    if method == "aepo":
+        c.rollout.aepo_entropy = "topk"
+        c.rollout.aepo_entropy_topk = 10
+        c.rollout.aepo_entropy_positions = 20
+        c.rollout.aepo_entropy_weight = 0.2
+        c.rollout.aepo_branch_threshold = 0.5
+        c.rollout.aepo_branch_penalty = 0.05
+    return c
+
+
+def qwen3_4b_baseline(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    """The ``qwen3_4b`` recipe as the paper's ``method`` baseline: n = 16 chains per question
+    (``ROLLOUT_N``), AEPO starting 8 with beam 2."""
+    c = baseline(qwen3_4b(c), method)
+    c.variant = f"qwen3_4b_{method}"
+    c.rollout.samples_per_tree = 16
+    c.rollout.initial_rollouts = 8 if method == "aepo" else 16
+    c.rollout.beam_size = 2
+    return c  # train.micro_batch_rows = 8 divides the 8 x 16 rows of a mini-batch too
+
+
+def tiny_baseline(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    """The ``tiny`` run as the ``method`` baseline, at its 8 rows per question (AEPO: 4 chains
+    that branch with beam 2, as the reference's 8 of 16)."""
+    c = baseline(tiny(c), method)
+    c.variant = f"tiny_{method}"
+    c.rollout.samples_per_tree = 8
+    c.rollout.initial_rollouts = 4 if method == "aepo" else 8
+    c.rollout.beam_size = 2
+    return c
+
+
+RECIPES = {
+    "tiny": tiny,
+    "qwen3_4b": qwen3_4b,
+    **{f"qwen3_4b_{m}": functools.partial(qwen3_4b_baseline, method=m) for m in BASELINES},
+    **{f"tiny_{m}": functools.partial(tiny_baseline, method=m) for m in BASELINES},
+}
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     variant = variant or "tiny"
     if variant not in VARIANTS:
@@ -118,4 +220,4 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
             f"configs/search_qa.py: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)} "
             "(e.g. --config=configs/search_qa.py:qwen3_4b)"
         )
-    return {"tiny": tiny, "qwen3_4b": qwen3_4b}[variant](default_config())
+    return RECIPES[variant](default_config())

@@ -56,12 +56,17 @@ def load_config(
     variant: str = "tiny", overrides: Mapping[str, Any] = ()
 ) -> ml_collections.ConfigDict:
     """``configs/search_qa.py:<variant>`` with dotted ``overrides`` applied (as ``--config.x=v``)."""
+    config = load_config_module().get_config(variant)
+    config.update_from_flattened_dict(dict(overrides))
+    return config
+
+
+def load_config_module() -> Any:
+    """``configs/search_qa.py`` as a module (``VARIANTS``, ``get_config``)."""
     spec = importlib.util.spec_from_file_location("search_qa_config", CONFIG_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    config.update_from_flattened_dict(dict(overrides))
-    return config
+    return module
 
 
 def config_flags(variant: str, overrides: Mapping[str, Any]) -> list[str]:
