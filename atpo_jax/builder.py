@@ -63,6 +63,7 @@ def build_run(
             "branching rounds, atpo_jax/rollout/aepo.py, wait for the rollout scheduler); use "
             "rollout.mode='chain' or 'tree' for now"
         )
+    settings.reward.load()  # a custom reward.fn is imported and checked before anything else
     os.makedirs(workdir, exist_ok=True)
     # Process 0 writes the synthetic world's files first; the others then only read them.
     data = parallel.main_process_first(

@@ -11,7 +11,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import importlib
+import inspect
+import json
+import re
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -64,3 +69,110 @@ def coerce_choices(settings: Any, section: str) -> None:
         if isinstance(kind, type) and issubclass(kind, StrEnum):
             value = kind.parse(getattr(settings, field.name), f"{section}.{field.name}")
             object.__setattr__(settings, field.name, value)
+
+
+# ------------------------------------------------------------------ plugins named in a config
+
+_TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginSpec:
+    """A tool or reward function named in a config (``tools.instances``, ``reward.fn``).
+
+    Written ``TARGET`` or ``TARGET{JSON object}``: ``TARGET`` is a registered name (``search``,
+    ``qa``) or a dotted path to a Python object, ``package.module:attr`` (``attr`` may itself be
+    dotted) or ``package.module.attr``; the JSON object holds the keyword arguments it is called
+    with. Example: ``'my_tools.calc:Calculator{"precision": 4}'``.
+
+    Attributes:
+      target: the name or dotted path.
+      params: the keyword arguments (empty without a JSON object).
+    """
+
+    target: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_path(self) -> bool:
+        """A dotted path (imported), not a registered name."""
+        return "." in self.target or ":" in self.target
+
+
+def parse_plugin_spec(spec: str, setting: str) -> PluginSpec:
+    """``spec`` as a :class:`PluginSpec`, or a ``ConfigError`` naming ``setting``."""
+    text = spec.strip()
+    brace = text.find("{")
+    target = (text if brace < 0 else text[:brace]).strip()
+    if not _TARGET.fullmatch(target):
+        if "," in target:  # --config.tools.instances=a,b gives the one string "a,b"
+            raise ConfigError(
+                f"{setting}={spec!r} names several objects in one entry: give a tuple, e.g. "
+                f"--config.{setting}=\"('search', 'python')\""
+            )
+        raise ConfigError(
+            f"{setting}={spec!r}: expected a registered name or a dotted path "
+            "(package.module:attr or package.module.attr), optionally followed by a JSON object "
+            'of keyword arguments, e.g. my_pkg.tools:MyTool{"size": 3}'
+        )
+    params: dict[str, Any] = {}
+    if brace >= 0:  # text[brace:] starts with "{": it parses to a dict or not at all
+        try:
+            params = json.loads(text[brace:])
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{setting}={spec!r}: the keyword arguments after {target!r} are not a valid "
+                f"JSON object ({e.msg} at character {e.pos + 1})"
+            ) from None
+    return PluginSpec(target, params)
+
+
+def load_object(target: str, setting: str) -> Any:
+    """The object a dotted path names (``package.module:attr.sub`` or ``package.module.attr``),
+    imported; a ``ConfigError`` naming ``setting`` and the module when it cannot be."""
+    if ":" in target:
+        module_name, _, attr_path = target.partition(":")
+    else:
+        module_name, _, attr_path = target.rpartition(".")
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"{setting}={target!r}: cannot import module {module_name!r} ({e}); is it installed "
+            "or on PYTHONPATH?"
+        ) from e
+    except Exception as e:  # the module itself fails while importing: say so, with the cause
+        raise ConfigError(
+            f"{setting}={target!r}: importing module {module_name!r} failed: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    for part in attr_path.split("."):
+        if not hasattr(value, part):
+            raise ConfigError(
+                f"{setting}={target!r}: module {module_name!r} has no attribute {attr_path!r}"
+            )
+        value = getattr(value, part)
+    return value
+
+
+def check_call(fn: Any, params: Mapping[str, Any], setting: str, shown: str) -> None:
+    """Raises a ``ConfigError`` naming ``setting`` unless ``fn`` accepts the keyword arguments
+    ``params`` (on top of its positional ones); ``shown`` is how the config names ``fn``."""
+    if not callable(fn):
+        raise ConfigError(f"{setting}: {shown} is not callable")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: its call will tell
+        return
+    try:
+        signature.bind_partial(**params)
+    except TypeError as e:
+        accepted = ", ".join(
+            name
+            for name, p in signature.parameters.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+        raise ConfigError(
+            f"{setting}: {shown} does not take the keyword arguments {dict(params)}: {e} "
+            f"(it takes: {accepted or 'none'})"
+        ) from None

@@ -10,6 +10,7 @@ from atpo_jax.rewards.qa import (
     RewardSettings,
     compute_reward,
 )
+from atpo_jax.rewards.registry import register_reward, registered_rewards
 
 __all__ = [
     "REWARD_MODES",
@@ -23,6 +24,8 @@ __all__ = [
     "extract_answer_block",
     "last_boxed",
     "normalize_answer",
+    "register_reward",
+    "registered_rewards",
     "token_f1",
     "validate_format",
 ]

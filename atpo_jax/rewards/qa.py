@@ -26,7 +26,8 @@ from collections.abc import Iterable
 from atpo_jax.rewards.extract import extract_answer, extract_answer_block, last_boxed
 from atpo_jax.rewards.format import validate_format
 from atpo_jax.rewards.normalize import as_gold_list, exact_match, token_f1
-from atpo_jax.settings import StrEnum, check, coerce_choices
+from atpo_jax.rewards.registry import BUILTIN_REWARD, resolve_reward
+from atpo_jax.settings import StrEnum, check, coerce_choices, parse_plugin_spec
 
 DEFAULT_PYTHON_BONUS = 0.1
 
@@ -45,16 +46,27 @@ class RewardSettings:
     """The outcome reward (the ``reward`` section of a run's config; ALGORITHM.md §3.1).
 
     Attributes:
+      fn: the reward function: ``qa`` (this module's, configured by ``mode`` and
+        ``python_bonus``), a name given to ``rewards.registry.register_reward``, or a dotted path
+        with optional JSON keyword arguments (``'my_pkg.rewards:score{"partial": 0.5}'``;
+        ``atpo_jax.rewards.registry`` says what it is called with).
       mode: ``em_format`` (the paper's −1 / 0 / 1 with format validation), ``em`` or ``f1``.
       python_bonus: added to a correct ``em_format`` answer whose response used both search and
         the python tool (the reference: 0.1).
     """
 
+    fn: str = BUILTIN_REWARD
     mode: RewardMode = RewardMode.EM_FORMAT
     python_bonus: float = DEFAULT_PYTHON_BONUS
 
     def __post_init__(self) -> None:
         coerce_choices(self, "reward")
+        spec = parse_plugin_spec(self.fn, "reward.fn")
+        check(
+            spec.target != BUILTIN_REWARD or not spec.params,
+            f"reward.fn={self.fn!r}: the built-in 'qa' reward takes no arguments (it is "
+            "configured by reward.mode and reward.python_bonus)",
+        )
         # NaN is truthy, so a NaN bonus would make every correct search+python answer score NaN.
         check(
             math.isfinite(self.python_bonus),
@@ -64,11 +76,32 @@ class RewardSettings:
     def score(
         self, response: str, golds: str | Iterable[str], *, validate: bool = False
     ) -> RewardResult:
-        """``compute_reward`` with these settings (``validate``: skip the format check, as
-        validation does)."""
-        return compute_reward(
-            response, golds, mode=self.mode, python_bonus=self.python_bonus, validate=validate
-        )
+        """The reward of ``response``: ``compute_reward`` with these settings, or ``fn``'s
+        (``validate``: the evaluation path; the built-in skips its format check)."""
+        if self.fn == BUILTIN_REWARD:
+            return compute_reward(
+                response, golds, mode=self.mode, python_bonus=self.python_bonus, validate=validate
+            )
+        golds = as_gold_list(golds)
+        out = resolve_reward(self.fn)(response, golds, validate=validate)
+        if isinstance(out, RewardResult):
+            return out
+        if isinstance(out, bool) or not isinstance(out, int | float) or not math.isfinite(out):
+            raise ValueError(
+                f"reward.fn={self.fn!r} returned {out!r}: a reward function returns a finite "
+                "number or a RewardResult"
+            )
+        # The evaluation tables report the standard EM/F1 of the extracted answer.
+        answer = extract_answer(response)
+        em = exact_match(answer, golds) if answer is not None else 0.0
+        f1 = token_f1(answer, golds) if answer is not None else 0.0
+        return RewardResult(float(out), em, f1, answer, f"reward.fn={self.fn}")
+
+    def load(self) -> None:
+        """Imports ``fn`` now and checks its arguments (``build_run`` calls it, so a bad
+        ``reward.fn`` fails before anything is compiled)."""
+        if self.fn != BUILTIN_REWARD:
+            resolve_reward(self.fn)
 
 
 @dataclasses.dataclass(frozen=True)

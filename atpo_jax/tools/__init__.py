@@ -38,6 +38,7 @@ from atpo_jax.tools.passages import (
     render_retrieve_response,
 )
 from atpo_jax.tools.python_sandbox import PythonSandboxConfig, PythonTool
+from atpo_jax.tools.registry import register_tool, registered_tools
 from atpo_jax.tools.search import SearchTool
 from atpo_jax.tools.toolbox import Toolbox
 
@@ -70,6 +71,8 @@ __all__ = [
     "format_passages",
     "parse_retrieve_response",
     "read_corpus",
+    "register_tool",
+    "registered_tools",
     "render_retrieve_response",
     "stop_tag",
     "write_corpus",

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 
-from atpo_jax.settings import ConfigError, StrEnum, check, coerce_choices
+from atpo_jax.settings import ConfigError, StrEnum, check, coerce_choices, parse_plugin_spec
 from atpo_jax.tools.bm25 import LocalBM25Retriever
 from atpo_jax.tools.corpus import CorpusError
 from atpo_jax.tools.dense import DenseRetriever
@@ -19,6 +19,7 @@ from atpo_jax.tools.python_sandbox import (
     PythonTool,
     SandboxUnavailableError,
 )
+from atpo_jax.tools.registry import BUILTIN_TOOLS, make_tool
 from atpo_jax.tools.search import SearchTool
 from atpo_jax.tools.toolbox import Toolbox
 
@@ -46,7 +47,14 @@ class ToolSettings:
       timeout_s: HTTP read timeout per attempt.
       retries: HTTP attempts per request (>= 1), with exponential backoff between them.
       cache_path: an on-disk record/replay cache of HTTP answers ("" = none).
-      python: enable the sandboxed python tool (``<python>...</python>``).
+      instances: the tools of the run, each a registered name (``search``, ``python``, or one
+        given to ``tools.registry.register_tool``) or a dotted path to a factory with optional
+        JSON keyword arguments (``'my_pkg.tools:Calculator{"precision": 4}'``;
+        ``atpo_jax.tools.registry``). ``search`` and ``python`` are configured by the settings
+        below. Each tool's closing tag ``</tag>`` is a stop string of the rollout.
+      python: enable the sandboxed python tool (``<python>...</python>``): the same as listing
+        ``python`` in ``instances``. The reference has it on (its ``</python>`` stop string
+        and the reward's +0.1 for answers that used both tools: ``reward.python_bonus``).
       python_isolation: how the python tool contains model code: ``auto`` (bwrap if it can give
         every guarantee, else unshare; refuses to start where neither works), ``bwrap``, ``unshare``,
         or ``unsafe`` (resource limits and an audit hook only, not a security boundary; must be
@@ -67,6 +75,7 @@ class ToolSettings:
     timeout_s: float = 30.0
     retries: int = 4
     cache_path: str = ""
+    instances: tuple[str, ...] = ("search",)
     python: bool = False
     python_isolation: Isolation = Isolation.AUTO
     method: RetrievalMethod = RetrievalMethod.BM25
@@ -76,6 +85,18 @@ class ToolSettings:
     def __post_init__(self) -> None:
         coerce_choices(self, "tools")
         self._check_method()
+        targets = [parse_plugin_spec(s, "tools.instances") for s in self.instances]
+        names = [t.target for t in targets]
+        check(
+            len(set(names)) == len(names),
+            f"tools.instances={self.instances!r} lists a tool twice",
+        )
+        for spec in targets:
+            check(
+                spec.target not in BUILTIN_TOOLS or not spec.params,
+                f"tools.instances: {spec.target!r} takes no arguments (it is configured by "
+                f"the tools.* settings), got {dict(spec.params)}",
+            )
         check(self.topk >= 1, f"tools.topk={self.topk} must be >= 1")
         check(
             self.max_passage_chars >= 1,
@@ -116,9 +137,36 @@ class ToolSettings:
 def build_toolbox(
     settings: ToolSettings, *, default_corpus: str | None, max_workers: int
 ) -> Toolbox:
-    """Search (HTTP service, else the dense index or local BM25 over ``settings.corpus or
-    default_corpus``) plus the python tool when enabled. Raises ``ConfigError`` naming the
-    setting for a bad URL, corpus, index or encoder."""
+    """The tools of ``settings.instances`` (plus python with ``settings.python``): search (HTTP
+    service, else the dense index or local BM25 over ``settings.corpus or default_corpus``),
+    the python tool, and any registered or dotted-path tool. Raises ``ConfigError`` naming the
+    setting for a bad URL, corpus, index, encoder, tool or duplicate tag."""
+    specs = [parse_plugin_spec(s, "tools.instances") for s in settings.instances]
+    if settings.python and all(spec.target != "python" for spec in specs):
+        specs.append(parse_plugin_spec("python", "tools.python"))
+    tools = []
+    for spec in specs:
+        if spec.target == "search":
+            tools.append(_search_tool(settings, default_corpus))
+        elif spec.target == "python":
+            tools.append(_python_tool(settings))
+        else:
+            tools.append(make_tool(spec, "tools.instances"))
+    if settings.python_isolation is not Isolation.AUTO and all(
+        spec.target != "python" for spec in specs
+    ):
+        log.warning(
+            "tools.python_isolation=%s has no effect: the python tool is off (tools.python=false)",
+            settings.python_isolation,
+        )
+    try:
+        return Toolbox(tools, max_workers=max_workers)
+    except ValueError as e:  # two tools with one tag
+        raise ConfigError(f"tools.instances={settings.instances!r}: {e}") from e
+
+
+def _search_tool(settings: ToolSettings, default_corpus: str | None) -> SearchTool:
+    """The search tool over the configured retriever."""
     if settings.retriever_url:
         retry = RetryPolicy(
             read_timeout_s=settings.timeout_s,
@@ -146,15 +194,7 @@ def build_toolbox(
             retriever = LocalBM25Retriever(corpus)
         except CorpusError as e:
             raise ConfigError(f"tools.corpus={corpus!r}: {e}") from e
-    tools = [SearchTool(retriever, topk=settings.topk, max_chars=settings.max_passage_chars)]
-    if settings.python:
-        tools.append(_python_tool(settings))
-    elif settings.python_isolation is not Isolation.AUTO:
-        log.warning(
-            "tools.python_isolation=%s has no effect: the python tool is off (tools.python=false)",
-            settings.python_isolation,
-        )
-    return Toolbox(tools, max_workers=max_workers)
+    return SearchTool(retriever, topk=settings.topk, max_chars=settings.max_passage_chars)
 
 
 def _dense_retriever(settings: ToolSettings, default_corpus: str | None) -> DenseRetriever:
@@ -189,7 +229,7 @@ def _python_tool(settings: ToolSettings) -> PythonTool:
 
 def check_retriever(toolbox: Toolbox, settings: ToolSettings) -> None:
     """Fails fast (one clear message) when an HTTP search service cannot answer a probe query."""
-    if not settings.retriever_url:
+    if not settings.retriever_url or "search" not in toolbox.tags:
         return
     result = toolbox.run("search", "probe")
     if not result.ok:
