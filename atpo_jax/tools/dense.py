@@ -8,6 +8,12 @@ checks its manifest against the corpus (sha256 of the file) and the encoder (has
 config, weights and tokenizer), so an index is never searched with embeddings it was not built
 for. Queries are encoded as ``"query: " + q`` in one batch per call, then searched together.
 
+Concurrent calls (the rollout's tool threads, the server's request threads) are coalesced: one
+batch runs at a time, and the calls that arrive meanwhile are encoded and searched together as the
+next batch. A forward pass of 32 queries costs little more than one of a single query, while 32
+concurrent single-query passes would fight over the same cores, so this is both faster and
+bounded; it also serialises access to a GPU index, which FAISS does not make thread-safe.
+
 The encoder runs in JAX (``atpo_jax.models.text_encoder``), imported only when this retriever is
 built, so the rest of ``atpo_jax.tools`` stays JAX-free.
 """
@@ -91,8 +97,8 @@ class DenseRetriever:
         index = read_faiss_index(self.index_dir, manifest)
         self.index, self.on_gpu = faiss_index.to_search_device(index, options, use_gpu)
         faiss_index.set_search_parameters(self.index, options, on_gpu=self.on_gpu)
-        # FAISS CPU searches may run concurrently; GPU indexes are not thread-safe.
-        self._search_lock = threading.Lock() if self.on_gpu else None
+        self._batcher = _Coalescer(self._search_batch, max_items=QUERY_BATCH)
+        self.batches_run = 0  # forward passes so far (each one coalesced batch of calls)
 
     @property
     def num_documents(self) -> int:
@@ -104,15 +110,15 @@ class DenseRetriever:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if not queries:
             return []
-        # One forward pass for a whole request (padded to a power-of-two batch bucket).
+        return self._batcher(list(queries), min(topk, len(self.rows)))
+
+    def _search_batch(self, queries: list[str], k: int) -> list[list[Passage]]:
+        """One forward pass and one FAISS search for ``queries`` (the coalesced calls)."""
+        self.batches_run += 1
+        # A whole batch in one pass (padded to a power-of-two batch bucket).
         batch = max(QUERY_BATCH, self.encoder.batch_size)
-        embeddings = self.encoder.encode_queries(list(queries), batch_size=batch)
-        k = min(topk, len(self.rows))
-        if self._search_lock is None:
-            scores, ids = faiss_index.search(self.index, embeddings, k)
-        else:
-            with self._search_lock:
-                scores, ids = faiss_index.search(self.index, embeddings, k)
+        embeddings = self.encoder.encode_queries(queries, batch_size=batch)
+        scores, ids = faiss_index.search(self.index, embeddings, k)
         return [
             [
                 Passage(document=self.rows[i], score=float(s))
@@ -121,3 +127,73 @@ class DenseRetriever:
             ]
             for row_scores, row_ids in zip(scores, ids, strict=True)
         ]
+
+
+class _Call:
+    """One caller's queries waiting in a :class:`_Coalescer`, and what it gets back."""
+
+    def __init__(self, queries: list[str], k: int) -> None:
+        self.queries, self.k = queries, k
+        self.result: list[list[Passage]] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class _Coalescer:
+    """Runs ``fn(queries, k)`` for concurrent callers together, one batch at a time.
+
+    A caller queues its call; if no batch is running it becomes the runner: it takes every queued
+    call (up to ``max_items`` queries, at least one call), runs them as one batch with the largest
+    ``k`` among them, hands each call its rows cut to its own ``k``, and then, if its own call was
+    not in that batch, runs the next. Nobody waits for a timer: a lone call runs at once.
+    An exception fails every call of its batch and no other.
+    """
+
+    def __init__(self, fn: Any, *, max_items: int) -> None:
+        self._fn, self._max_items = fn, max_items
+        self._cond = threading.Condition()
+        self._queue: list[_Call] = []
+        self._running = False
+
+    def __call__(self, queries: list[str], k: int) -> list[list[Passage]]:
+        call = _Call(queries, k)
+        with self._cond:
+            self._queue.append(call)
+            while not call.done:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                batch = self._take()
+                self._running = True
+                self._cond.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+        if call.error is not None:
+            raise call.error
+        assert call.result is not None
+        return call.result
+
+    def _take(self) -> list[_Call]:
+        batch = [self._queue.pop(0)]
+        size = len(batch[0].queries)
+        while self._queue and size + len(self._queue[0].queries) <= self._max_items:
+            size += len(self._queue[0].queries)
+            batch.append(self._queue.pop(0))
+        return batch
+
+    def _run(self, batch: list[_Call]) -> None:
+        try:
+            rows = self._fn([q for call in batch for q in call.queries], max(c.k for c in batch))
+        except BaseException as e:  # handed to each caller, raised in its own thread
+            for call in batch:
+                call.error, call.done = e, True
+            return
+        start = 0
+        for call in batch:
+            call.result = [hits[: call.k] for hits in rows[start : start + len(call.queries)]]
+            start += len(call.queries)
+            call.done = True

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
@@ -36,6 +40,13 @@ def hit_ids(results):
     return [[(p.id, p.score) for p in row] for row in results]
 
 
+def assert_same_hits(got, want):
+    """Same passages; scores equal up to float32 rounding (another batch shape rounds differently)."""
+    assert [[p.id for p in row] for row in got] == [[p.id for p in row] for row in want]
+    for a, b in zip(got, want, strict=True):
+        assert [p.score for p in a] == pytest.approx([p.score for p in b], abs=1e-5)
+
+
 def test_server_answers_equal_in_process_answers(dense):
     encoder = RecordingEncoder(dense.encoder)
     retriever = DenseRetriever(dense.index_dir, encoder=encoder)
@@ -60,7 +71,43 @@ def test_server_answers_equal_in_process_answers(dense):
         assert health == {"status": "ok", "documents": 192}
         retry = RetryPolicy(read_timeout_s=60, max_attempts=2)
         with HttpRetriever(server.url, retry=retry) as client:
-            assert hit_ids(client.search(queries[:8], 3)) == hit_ids(want[:8])
+            assert_same_hits(client.search(queries[:8], 3), want[:8])
+
+
+class SlowEncoder(RecordingEncoder):
+    """Holds each batch for a while, so that concurrent callers queue behind it; fails on demand."""
+
+    fail = False
+
+    def encode_queries(self, queries, *, batch_size=None):
+        time.sleep(0.15)
+        if self.fail:
+            raise RuntimeError("encoder failed")
+        return super().encode_queries(queries, batch_size=batch_size)
+
+
+def test_concurrent_searches_are_coalesced_into_batches(dense):
+    encoder = SlowEncoder(dense.encoder)
+    retriever = DenseRetriever(dense.index_dir, encoder=encoder)
+    queries = dense_helpers.make_queries(16)
+    want = DenseRetriever(dense.index_dir, encoder=dense.encoder).search(queries, 3)
+    start = threading.Barrier(16)
+
+    def one(i):
+        start.wait()
+        return retriever.search([queries[i]], 2 + i % 2)  # topk 2 and 3 in one batch
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(16)))
+    for i, hits in enumerate(got):  # each caller gets its own query's passages, at its own topk
+        assert_same_hits(hits, [want[i][: 2 + i % 2]])
+    assert sum(encoder.calls) == 16 and len(encoder.calls) <= 3, encoder.calls
+    # A failing batch fails its callers, and the next call runs normally.
+    encoder.fail = True
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        retriever.search(queries[:2], 3)
+    encoder.fail = False
+    assert_same_hits(retriever.search(queries[:2], 3), want[:2])
 
 
 def test_command_line_builds_the_dense_retriever_from_the_index(dense, monkeypatch):
