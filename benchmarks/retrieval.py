@@ -21,10 +21,11 @@ Dense (``--parts dense``), all on the CPU, every model and vector random (no wei
 * encoding: passages/s (about 100 words, the 128-token bucket) and queries/s (one query per call, and
   32 per call) of a random encoder of each ``--encoders`` shape: ``base`` is e5-base-v2's (12 layers,
   hidden 768, 12 heads, FFN 3072, vocab 30522), ``tiny`` is 2 layers, hidden 64; compile time excluded
-  (reported separately);
-* FAISS search latency over ``--dense-vectors`` random unit vectors of dimension 768, clustered
-  (around N/50 random centres, cosine about 0.9 to their centre; each query a stored vector
-  plus noise, cosine about 0.96) so that IVF's cells mean something:
+  (reported separately); with torch installed, the same checkpoint through transformers' PyTorch
+  ``BertModel`` is the baseline row;
+* FAISS search latency over ``--dense-vectors`` random unit vectors of dimension 768, uniform
+  (no neighbourhoods: IVF's worst case) and clustered (around N/50 random centres, cosine about 0.9
+  to their centre; each query a stored vector plus noise, cosine about 0.96), like real embeddings:
   NumPy brute force (baseline), flat (exact) and IVF (nlist about 4 sqrt(N), nprobe 8/32/128,
   recall@3 against flat), for 1 query and for batches of 32;
 * the retrieval server with ``--method dense`` (base-shaped encoder, flat index over a 256-passage
@@ -292,16 +293,41 @@ def measure_encoding(shape_name: str, root: str, rng: random.Random) -> None:
             ]
         ),
     }
+    torch_rate = torch_passages_per_s(path, passages[:64])
+    if torch_rate is not None:
+        rows["transformers BertModel (PyTorch), passages/s"] = torch_rate
     shape = ENCODER_SHAPES[shape_name]
     print(
         f"\n== encoder {shape_name}: {shape['layers']} layers, hidden {shape['hidden']}, float32, "
         f"CPU ({os.cpu_count()} cores); compile {compile_s:.1f} s for 3 shapes"
     )
     for name, value in rows.items():
-        print(f"   {name:<36} {value:>10.1f}")
+        print(f"   {name:<46} {value:>10.1f}")
 
 
-def measure_faiss(count: int, rng_seed: int) -> None:
+def torch_passages_per_s(path: str, passages: list[str]) -> float | None:
+    """The same checkpoint and texts through transformers' PyTorch BertModel (the baseline; None
+    without torch). Padded to 128 tokens like our bucket."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    batch = tokenizer(
+        ["passage: " + p for p in passages],
+        padding="max_length",
+        truncation=True,
+        max_length=128,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        model(**batch)  # warm-up
+        return len(passages) / timed(lambda: model(**batch))
+
+
+def measure_faiss(count: int, rng_seed: int, data: str) -> None:
     import numpy as np
 
     from atpo_jax.tools import faiss_index
@@ -316,11 +342,12 @@ def measure_faiss(count: int, rng_seed: int) -> None:
     def unit(n):
         return unit_rows(rng.standard_normal((n, dim), dtype=np.float32))
 
-    # Clustered like real embeddings (uniform random vectors in 768-d have no neighbourhoods, the
-    # worst case for IVF): points near one of count/50 random centres, queries near stored points.
-    centres = unit(max(1, count // 50))
-    vectors = unit_rows(centres[rng.integers(len(centres), size=count)] + 0.5 * unit(count))
-    queries = unit_rows(vectors[rng.integers(count, size=512)] + 0.3 * unit(512))
+    if data == "uniform":  # no neighbourhoods at all in 768-d: the worst case for IVF
+        vectors, queries = unit(count), unit(512)
+    else:  # clustered, like real embeddings: near one of count/50 centres; queries near points
+        centres = unit(max(1, count // 50))
+        vectors = unit_rows(centres[rng.integers(len(centres), size=count)] + 0.5 * unit(count))
+        queries = unit_rows(vectors[rng.integers(count, size=512)] + 0.3 * unit(512))
     flat = faiss_index.new_index(dim, IndexOptions(), count)
     flat.add(vectors)
     ivf_options = IndexOptions(type="ivf")
@@ -330,7 +357,7 @@ def measure_faiss(count: int, rng_seed: int) -> None:
     nlist = faiss_index.resolved_nlist(ivf_options, count)
     _, exact = faiss_index.search(flat, queries, 3)
     print(
-        f"\n== FAISS over {count} random clustered unit vectors, d={dim}, top 3, CPU "
+        f"\n== FAISS over {count} random {data} unit vectors, d={dim}, top 3, CPU "
         f"({os.cpu_count()} cores); IVF nlist={nlist}, trained in {train_s:.1f} s"
     )
     print(f"   {'index':<22} {'1 query (ms)':>13} {'32/batch (ms/query)':>20} {'recall@3':>9}")
@@ -430,8 +457,10 @@ def measure_dense(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as root:
         for shape_name in args.encoders:
             measure_encoding(shape_name, root, rng)
-        measure_faiss(args.dense_vectors, args.seed)
-        measure_dense_server(root, args, rng)
+        for data in args.faiss_data:
+            measure_faiss(args.dense_vectors, args.seed, data)
+        if not args.skip_dense_server:
+            measure_dense_server(root, args, rng)
 
 
 def main() -> None:
@@ -446,6 +475,13 @@ def main() -> None:
         help="what to run",
     )
     parser.add_argument("--dense-vectors", type=int, default=100_000, help="FAISS benchmark size")
+    parser.add_argument(
+        "--faiss-data",
+        nargs="*",
+        default=["uniform", "clustered"],
+        choices=["uniform", "clustered"],
+    )
+    parser.add_argument("--skip-dense-server", action="store_true")
     parser.add_argument(
         "--dense-queries", type=int, default=256, help="queries for the dense server measurement"
     )

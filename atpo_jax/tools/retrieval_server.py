@@ -518,29 +518,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             default=field.default,
             help=f"{_LIMIT_HELP[field.name]} (default {field.default})",
         )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    problem = method_flags_problem(args)
+    if problem:
+        parser.error(problem)  # exit status 2, like every other usage error
+    return args
 
 
 def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
 
 
-def build_retriever(args: argparse.Namespace) -> Any:
-    """The retriever ``--method`` names; ``ValueError`` naming the flag for a bad combination."""
+def method_flags_problem(args: argparse.Namespace) -> str | None:
+    """Why the flags do not fit ``--method`` (a usage error), or None."""
     if args.method == "bm25":
         extra = [f for f in ("index", "encoder", "dtype", "nprobe") if getattr(args, f)]
         if extra:
-            raise ValueError(f"--{extra[0]} is for --method dense (this server runs bm25)")
+            return f"--{extra[0]} is for --method dense (this server runs bm25)"
         if not args.corpus:
-            raise ValueError("--corpus is required for --method bm25 (a JSONL corpus)")
-        return LocalBM25Retriever(args.corpus, index_dir=args.index_dir)
+            return "--corpus is required for --method bm25 (a JSONL corpus)"
+        return None
     if not args.index:
-        raise ValueError(
+        return (
             "--method dense needs --index INDEX_DIR (built with python -m "
             "atpo_jax.tools.build_index --encoder DIR --corpus corpus.jsonl --out INDEX_DIR)"
         )
     if args.index_dir:
-        raise ValueError("--index-dir is the BM25 cache folder; --method dense reads --index")
+        return "--index-dir is the BM25 cache folder; --method dense reads --index"
+    return None
+
+
+def build_retriever(args: argparse.Namespace) -> Any:
+    """The retriever ``--method`` names (flags already checked by :func:`parse_args`)."""
+    if args.method == "bm25":
+        return LocalBM25Retriever(args.corpus, index_dir=args.index_dir)
     # The encoder is small: without this JAX would reserve most of a GPU's memory for it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from atpo_jax.tools.dense import DenseRetriever
