@@ -229,8 +229,9 @@ def _decode_program(
             stop_state = jnp.where(active, new_state, stop_state)
         else:
             is_stop = jnp.zeros_like(is_eos)
-        # A further step needs room for one more cached position and one more sequence token.
-        full = position + 1 >= max_len
+        # A further step writes at cache position `position`; the host sizes the attended length
+        # so this never binds (budgets stop rows at the engine's max_len), it only guards writes.
+        full = position >= max_len
         finish = jnp.where(active & is_eos, _EOS, finish)
         finish = jnp.where(active & is_stop, _STOP, finish)
         finish = jnp.where(active & ~is_eos & ~is_stop & ((budget <= 0) | full), _LENGTH, finish)

@@ -48,22 +48,27 @@ class ScriptedEngine(Engine):
         self._start: dict[int, int] = {}
         self._decode = self._scripted_decode
 
-    def generate(self, params, slots, budgets, rng):
-        for slot in slots:
-            if slot not in self._script_of:
-                self._script_of[slot], self._turn_of[slot] = len(self._script_of), -1
-            self._turn_of[slot] += 1
-            self._start[slot] = len(self._seqs[slot])
-        return super().generate(params, slots, budgets, rng)
+    def start_turn(self, slot, budget, key):
+        if slot not in self._script_of:
+            self._script_of[slot], self._turn_of[slot] = len(self._script_of), -1
+        self._turn_of[slot] += 1
+        self._start[slot] = len(self._seqs[slot])
+        return super().start_turn(slot, budget, key)
+
+    def decode_step(self, params, turns):
+        # The rows a call runs are the first ones (the default pool never makes a row wait).
+        self._rows = [t.slot for t in turns][: self.num_slots]
+        return super().decode_step(params, turns)
 
     def _script(self, slot: int) -> list[int]:
         chain = self._turns[self._script_of[slot]]
         turn = self._turn_of[slot]
         return chain[turn] if turn < len(chain) else []
 
-    def _scripted_decode(self, graphdef, state, cache, slots, pending, active, budget, keys, eos,
-                         *, steps, kv_len, sampling):  # fmt: skip
-        slots, active, budget = np.asarray(slots), np.asarray(active), np.asarray(budget)
+    def _scripted_decode(self, graphdef, state, cache, table, lengths, pending, active, budget,
+                         keys, eos, stop_table, stop_accepts, stop_state, *, steps, sampling):  # fmt: skip
+        active, budget = np.asarray(active), np.asarray(budget)
+        slots = self._rows + [-1] * (len(active) - len(self._rows))
         eos_ids = set(np.asarray(eos).tolist())
         batch = len(slots)
         tokens = np.zeros((batch, steps), np.int32)
@@ -87,4 +92,6 @@ class ScriptedEngine(Engine):
                     finish[b] = engine_module._LENGTH
                     break
         zeros = jnp.zeros((batch, steps), jnp.float32)
-        return cache, pending, jnp.asarray(tokens), zeros - 1.0, zeros, jnp.asarray(count), finish
+        ran = int(count.max(initial=0))
+        out = (jnp.asarray(tokens), zeros - 1.0, zeros, jnp.asarray(count), finish, stop_state, ran)
+        return (cache, *out)
