@@ -215,7 +215,8 @@ def _dense_retriever(settings: ToolSettings, default_corpus: str | None) -> Dens
     except CorpusError as e:
         raise ConfigError(f"tools.corpus={corpus!r}: {e}") from e
     except (ValueError, OSError, ImportError) as e:  # the encoder checkpoint, or faiss missing
-        raise ConfigError(f"tools.encoder={settings.encoder or '(the index own)'!r}: {e}") from e
+        encoder = repr(settings.encoder) if settings.encoder else "'' (the index's encoder)"
+        raise ConfigError(f"tools.encoder={encoder}: {e}") from e
 
 
 def _python_tool(settings: ToolSettings) -> PythonTool:
