@@ -505,6 +505,7 @@ class _Scheduler:
             response_length=node.end,
             settings=self.settings,
             encode=self.search.encode,
+            tag=node.query_tag or "search",
         )
         if decision.outcome == Outcome.LEAF:
             self._end(node, decision)
