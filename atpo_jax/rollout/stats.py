@@ -57,16 +57,16 @@ def rollout_metrics(trees: Sequence[Tree], rows: Sequence[RowInfo], stats: Rollo
         "rollout/generate_calls": float(stats.generate_calls),
         "time/generate_s": stats.generate_seconds,
         "time/tools_s": stats.tool_seconds,
-        "rollout/decode_occupancy": stats.row_steps_useful / max(stats.row_steps_run, 1),
-        "rollout/kv_tokens_peak": float(stats.kv_tokens_peak),
-        "rollout/kv_tokens_dense_equivalent": float(stats.kv_tokens_dense),
-        "rollout/kv_pool_waits": float(stats.kv_pool_waits),
-        "rollout/preemptions": float(stats.preemptions),
+        "schedule/decode_occupancy": stats.row_steps_useful / max(stats.row_steps_run, 1),
+        "schedule/kv_tokens_peak": float(stats.kv_tokens_peak),
+        "schedule/kv_tokens_dense_equivalent": float(stats.kv_tokens_dense),
+        "schedule/kv_pool_waits": float(stats.kv_pool_waits),
+        "schedule/preemptions": float(stats.preemptions),
         # Fraction of tool wall time during which the device decoded (1 when no tool ran).
-        "rollout/tool_overlap": stats.tool_overlap_seconds / stats.tool_seconds
+        "schedule/tool_overlap": stats.tool_overlap_seconds / stats.tool_seconds
         if stats.tool_seconds > 0
         else 1.0,
-        "rollout/decode_kv_bytes_per_s": stats.kv_bytes_read / max(stats.generate_seconds, 1e-9),
+        "schedule/decode_kv_bytes_per_s": stats.kv_bytes_read / max(stats.generate_seconds, 1e-9),
     }
     for depth, count in sorted(leaf_depth_histogram(trees).items()):
         metrics[f"rollout/leaf_depth_{depth}"] = float(count)
@@ -81,9 +81,9 @@ def leaf_depth_histogram(trees: Sequence[Tree]) -> Counter:
 
 _MEAN_RATIOS = frozenset(
     {
-        "rollout/decode_occupancy",
-        "rollout/tool_overlap",
-        "rollout/decode_kv_bytes_per_s",
+        "schedule/decode_occupancy",
+        "schedule/tool_overlap",
+        "schedule/decode_kv_bytes_per_s",
     }
 )
 

@@ -270,13 +270,14 @@ class _Scheduler:
         self.params, self.step, self.stats = params, step, stats
         self.slot_of: dict[int, int] = {}  # id(node) -> the slot holding its prefix
         self.live: list[_TreeRun] = []
-        self.tools: dict[concurrent.futures.Future, tuple[_Chain, float]] = {}
+        self.tools: dict[concurrent.futures.Future, tuple[_Chain, float, int]] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(
             self.settings.tool_workers, thread_name_prefix="rollout-tool"
         )
         self.tool_intervals: list[tuple[float, float]] = []
         self.decode_intervals: list[tuple[float, float]] = []
         self.tool_started: dict[concurrent.futures.Future, float] = {}
+        self.decodes = 0  # decode chunks run: the clock tool results are due by
         self.live_slots_peak = 0
 
     def run(self, trees: list[Tree]) -> None:
@@ -379,7 +380,7 @@ class _Scheduler:
                 "tokens) cannot hold one tree; raise rollout.kv_pages"
             )
         run = self.live.pop()
-        for future, (chain, _) in list(self.tools.items()):
+        for future, (chain, _, _) in list(self.tools.items()):
             if chain.run is run:
                 del self.tools[future]
         self.engine.release(run.slots)
@@ -409,6 +410,7 @@ class _Scheduler:
         started = time.perf_counter()
         ran = self.engine.decode_step(self.params, [c.turn for c in ready])
         self.decode_intervals.append((started, time.perf_counter()))
+        self.decodes += 1
         if not ran:
             return False
         by_turn = {id(c.turn): c for c in ready}
@@ -460,41 +462,31 @@ class _Scheduler:
         node = chain.node
         future = self.pool.submit(self.search.toolbox.run, node.query_tag, node.query)
         now = time.perf_counter()
-        self.tools[future] = (chain, now + self.search.tool_timeout_s)
+        # Due at the next chunk boundary: results rejoin at points fixed by the trees, not by
+        # thread timing, so batch composition (hence every float) is reproducible.
+        self.tools[future] = (chain, now + self.search.tool_timeout_s, self.decodes + 1)
         self.tool_started[future] = now
 
     def _collect_tools(self, *, block: bool) -> bool:
-        """Applies finished tool calls (waiting for the first one when ``block``); a call past
-        its deadline counts as failed."""
-        if not self.tools:
+        """Applies the tool calls that are due (submitted before the last decode chunk, or all of
+        them when ``block``: nothing else can run), waiting for each up to its deadline; a call
+        past its deadline counts as failed. Calls are applied in submission order."""
+        due = [f for f, (_, _, at) in self.tools.items() if block or at <= self.decodes]
+        if not due:
             return False
-        if block:
-            deadline = min(d for _, d in self.tools.values())
-            concurrent.futures.wait(
-                list(self.tools),
-                timeout=max(0.0, deadline - time.perf_counter()),
-                return_when=concurrent.futures.FIRST_COMPLETED,
-            )
-        now = time.perf_counter()
         finished = []
-        for future, (chain, deadline) in list(self.tools.items()):
-            if future.done():
-                finished.append((chain, future.result()))
-            elif now >= deadline:
+        for future in due:
+            chain, deadline, _ = self.tools.pop(future)
+            try:
+                result = future.result(timeout=max(0.0, deadline - time.perf_counter()))
+            except concurrent.futures.TimeoutError:
                 self.stats.tool_timeouts += 1
-                finished.append(
-                    (
-                        chain,
-                        ToolResult(ok=False, text="", status="timeout", error="tool call deadline"),
-                    )
-                )
-            else:
-                continue
-            del self.tools[future]
-            self.tool_intervals.append((self.tool_started.pop(future), now))
+                result = ToolResult(ok=False, text="", status="timeout", error="tool call deadline")
+            self.tool_intervals.append((self.tool_started.pop(future), time.perf_counter()))
+            finished.append((chain, result))
         for chain, result in finished:
             self._after_tool(chain, result)
-        return bool(finished)
+        return True
 
     def _after_tool(self, chain: _Chain, result: ToolResult) -> None:
         self.stats.tool_failures += not result.ok

@@ -117,10 +117,10 @@ def test_rollout_metrics_report_occupancy_memory_and_overlap():
     search, params = search_with(max_delay_s=0.02)
     rollout = search.rollout(params, PROMPTS, step=0)
     m = rollout.metrics
-    assert 0.0 < m["rollout/decode_occupancy"] <= 1.0
+    assert 0.0 < m["schedule/decode_occupancy"] <= 1.0
     # Shared prefixes and finished-chain pages only: far below one full sequence per live slot.
-    assert 0 < m["rollout/kv_tokens_peak"] < m["rollout/kv_tokens_dense_equivalent"]
-    assert 0.0 <= m["rollout/tool_overlap"] <= 1.0
+    assert 0 < m["schedule/kv_tokens_peak"] < m["schedule/kv_tokens_dense_equivalent"]
+    assert 0.0 <= m["schedule/tool_overlap"] <= 1.0
     assert m["time/tools_s"] > 0.0
     assert search.engine.pages.used == 0
 

@@ -139,7 +139,7 @@ def comparable(record: Mapping[str, Any]) -> dict[str, Any]:
     return {
         key: value
         for key, value in record.items()
-        if key != "time" and not key.startswith(("time/", "throughput/"))
+        if key != "time" and not key.startswith(("time/", "throughput/", "schedule/"))
     }
 
 

@@ -325,7 +325,7 @@ def comparable(record: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in record.items()
-        if not k.startswith(("time/", "throughput/")) and k not in NOT_COMPARED
+        if not k.startswith(("time/", "throughput/", "schedule/")) and k not in NOT_COMPARED
     }
 
 
