@@ -320,7 +320,8 @@ _PROGRAMS = (_PREFILL, _DECODE, _FORCE, _COPY)
 
 # Stop automata by (tokenizer, vocabulary size, stop strings): building one reads every token's
 # text once, which engines of the same run (training and evaluation) need not repeat.
-_AUTOMATA: dict[tuple, StopAutomaton] = {}
+# Each entry keeps its tokenizer alive, so the id in the key cannot be reused by another object.
+_AUTOMATA: dict[tuple, tuple[object, StopAutomaton]] = {}
 
 
 def _stop_automaton(decode, vocab_size: int, stop_strings: Sequence[str]) -> StopAutomaton:
@@ -328,8 +329,8 @@ def _stop_automaton(decode, vocab_size: int, stop_strings: Sequence[str]) -> Sto
     key = (id(owner), vocab_size, tuple(stop_strings))
     if key not in _AUTOMATA:
         texts = token_texts_from(owner if hasattr(owner, "batch_decode") else decode, vocab_size)
-        _AUTOMATA[key] = StopAutomaton.build(texts, stop_strings)
-    return _AUTOMATA[key]
+        _AUTOMATA[key] = (owner, StopAutomaton.build(texts, stop_strings))
+    return _AUTOMATA[key][1]
 
 
 def cache_shardings(mesh, model_config, num_pages: int, page_size: int) -> PagedKVCache | None:
