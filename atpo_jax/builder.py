@@ -24,7 +24,7 @@ from atpo_jax.data.rows import QARow
 from atpo_jax.data.settings import DataSource
 from atpo_jax.data.synthetic import build_synthetic_world, load_tokenizer
 from atpo_jax.rollout.engine import Engine, cache_shardings, dense_equivalent_pages
-from atpo_jax.rollout.settings import RolloutMode
+from atpo_jax.rollout.settings import AEPOEntropy, RolloutMode
 from atpo_jax.rollout.tree_search import TreeSearch
 from atpo_jax.settings import ConfigError
 from atpo_jax.tools.settings import build_toolbox, check_retriever
@@ -55,14 +55,6 @@ def build_run(
     if training:  # evaluation brings its own checkpoint and needs no training files
         settings.check_required()
     settings.model.check_backend()
-    if training and settings.rollout.mode == RolloutMode.AEPO:
-        # The branching decisions exist (atpo_jax/rollout/aepo.py) but the rollout loop does
-        # not run their rounds yet: the loop would grow plain chains and duplicate leaves.
-        raise ConfigError(
-            "rollout.mode='aepo' is validated but not wired into the rollout yet (AEPO's "
-            "branching rounds, atpo_jax/rollout/aepo.py, wait for the rollout scheduler); use "
-            "rollout.mode='chain' or 'tree' for now"
-        )
     settings.reward.load()  # a custom reward.fn is imported and checked before anything else
     os.makedirs(workdir, exist_ok=True)
     # Process 0 writes the synthetic world's files first; the others then only read them.
@@ -310,6 +302,7 @@ def build_search(
     if evaluation:
         rollout = rollout.for_evaluation(settings.eval.max_response_len)
     num_slots = 2 * settings.eval.batch_prompts if evaluation else rollout.num_slots
+    aepo_topk = rollout.mode == RolloutMode.AEPO and rollout.aepo_entropy == AEPOEntropy.TOPK
     num_pages = (0 if evaluation else rollout.kv_pages) or dense_equivalent_pages(
         num_slots, rollout.max_len, rollout.page_size
     )
@@ -329,6 +322,9 @@ def build_search(
         page_size=rollout.page_size,
         kv_pages=num_pages,
         cache_sharding=cache_shardings(mesh, model.config, num_pages, rollout.page_size),
+        # AEPO's branching entropy reads vLLM-style top-k entries of a call's first positions.
+        top_logprobs=rollout.aepo_entropy_topk if aepo_topk else 0,
+        top_logprobs_positions=rollout.aepo_entropy_positions if aepo_topk else 0,
     )
     try:
         return TreeSearch(

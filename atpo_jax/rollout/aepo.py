@@ -44,8 +44,9 @@ Deliberate differences from the reference (its defects; the spec above is what i
 * Draws come from a NumPy ``Generator`` (the caller derives one per prompt and round, as
   ``TreeSearch.tree_rng``), not Python's global ``random``.
 
-The rollout loop does not call this module yet: ``rollout.mode='aepo'`` is validated but the
-scheduler has to run the rounds (see :func:`plan_round`).
+The rollout scheduler (``atpo_jax.rollout.tree_search``, ``rollout.mode='aepo'``) runs the rounds:
+a tree's chains pause after each tool round, and once all are paused or done it calls
+:func:`plan_round` for that tree alone and forks the copies and the fresh chain.
 """
 
 from __future__ import annotations

@@ -87,6 +87,9 @@ class Generation:
       entropies: exact entropy (nats) of that distribution at each step.
       finish_reason: ``eos``, ``stop`` or ``length``.
       stop_string: the stop string that ended the generation (``stop`` only).
+      top_ids, top_log_probs: for an engine built with ``top_logprobs=k``, the k most likely
+        tokens of the sampling distribution and their log-probs at each of the first
+        ``top_logprobs_positions`` generated positions ([T', k] as lists); else empty.
     """
 
     tokens: list[int]
@@ -94,6 +97,8 @@ class Generation:
     entropies: list[float]
     finish_reason: str
     stop_string: str | None = None
+    top_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    top_log_probs: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -178,6 +183,7 @@ def _decode_program(
     *,
     steps,
     sampling,
+    top_logprobs,
     cache_sharding,
 ):
     """Up to ``steps`` decode steps for the given rows, stopping early when none is active.
@@ -189,7 +195,8 @@ def _decode_program(
     budget or filled the attended length (the host sizes it so that only ``max_len`` does that).
 
     Returns (cache, tokens [B, steps], log_probs [B, steps], entropies [B, steps],
-    num_generated [B], finish [B], stop_state [B], steps executed).
+    num_generated [B], finish [B], stop_state [B], steps executed, top log-probs
+    [B, steps, k] and their ids [B, steps, k]) with k = ``top_logprobs`` (0: empty arrays).
     """
     model = nnx.merge(graphdef, state)
     batch = table.shape[0]
@@ -209,6 +216,8 @@ def _decode_program(
             out_tok,
             out_lp,
             out_ent,
+            out_top,
+            out_top_ids,
             count,
         ) = carry
         position = local.lengths + 1  # index of the token about to be sampled
@@ -216,7 +225,12 @@ def _decode_program(
             model, pending[:, None], local, None, active.astype(jnp.int32), last_only=True
         )
         step_keys = jax.vmap(jax.random.fold_in)(keys, position)
-        token, log_prob, entropy = sample_next(logits, step_keys, sampling)
+        token, log_prob, entropy, *top = sample_next(
+            logits, step_keys, sampling, top_logprobs=top_logprobs
+        )
+        if top_logprobs:
+            out_top = out_top.at[:, step].set(top[0])
+            out_top_ids = out_top_ids.at[:, step].set(top[1])
         out_tok = out_tok.at[:, step].set(token)
         out_lp = out_lp.at[:, step].set(log_prob)
         out_ent = out_ent.at[:, step].set(entropy)
@@ -248,6 +262,8 @@ def _decode_program(
             out_tok,
             out_lp,
             out_ent,
+            out_top,
+            out_top_ids,
             count,
         )
 
@@ -267,15 +283,17 @@ def _decode_program(
         jnp.zeros((batch, steps), jnp.int32),
         zeros_f,
         zeros_f,
+        jnp.full((batch, steps, top_logprobs), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, steps, top_logprobs), jnp.int32),
         jnp.zeros((batch,), jnp.int32),
     )
     out = jax.lax.while_loop(cond, body, init)
-    ran, local, _, _, _, finish, stop_state, tokens, log_probs, entropies, count = out
+    ran, local, _, _, _, finish, stop_state, tokens, log_probs, entropies, top, top_ids, count = out
     count_pages = -(-steps // cache.page_size) + 1
     cache = _write_back(
         cache, local, table, lengths, count=count_pages, cache_sharding=cache_sharding
     )
-    return cache, tokens, log_probs, entropies, count, finish, stop_state, ran
+    return cache, tokens, log_probs, entropies, count, finish, stop_state, ran, top, top_ids
 
 
 def _force_program(
@@ -309,7 +327,7 @@ _PREFILL = jax.jit(
 )
 _DECODE = jax.jit(
     _decode_program,
-    static_argnames=("steps", "sampling", "cache_sharding"),
+    static_argnames=("steps", "sampling", "top_logprobs", "cache_sharding"),
     donate_argnames=("cache",),
 )
 _FORCE = jax.jit(
@@ -379,6 +397,10 @@ class Engine:
         enough for ``num_slots`` full sequences, so nothing ever waits).
       device_stops: end rows at stop strings inside the decode loop (else only the host's check
         after each chunk does, and a row decodes to the chunk's end).
+      top_logprobs: k > 0 records the k most likely tokens and their log-probs under the
+        sampling distribution (vLLM's ``logprobs=k``) in ``Generation.top_ids/top_log_probs``.
+      top_logprobs_positions: only for a turn's first this many generated positions (AEPO
+        reads 20; the host keeps nothing more); 0 = every position.
     """
 
     def __init__(
@@ -398,6 +420,8 @@ class Engine:
         page_size: int = 16,
         kv_pages: int = 0,
         device_stops: bool = True,
+        top_logprobs: int = 0,
+        top_logprobs_positions: int = 0,
     ):
         if num_slots < 1 or max_len < 2:
             raise ValueError(
@@ -425,6 +449,13 @@ class Engine:
         if num_pages < 2:
             raise ValueError(f"Engine: kv_pages={kv_pages} must be >= 2 (one is the null page)")
         self.pages = PageAllocator(num_pages)
+        if top_logprobs < 0 or top_logprobs_positions < 0:
+            raise ValueError(
+                f"Engine: top_logprobs={top_logprobs} and top_logprobs_positions="
+                f"{top_logprobs_positions} must be >= 0"
+            )
+        self.top_logprobs = min(int(top_logprobs), model.config.vocab_size)
+        self.top_logprobs_positions = int(top_logprobs_positions)
         self._eos = jnp.asarray(sorted(set(int(t) for t in eos_token_ids)), jnp.int32)
         self._matcher = StopStringMatcher(decode, stop_strings) if stop_strings else None
         self._automaton = None
@@ -834,7 +865,7 @@ class Engine:
             self.max_len - np.asarray([len(self._seqs[s]) for s in slots]),
         )
         has_stops = self._automaton is not None
-        self._used("decode", batch, steps, kv_len, self.sampling, has_stops)
+        self._used("decode", batch, steps, kv_len, self.sampling, has_stops, self.top_logprobs)
         out = self._decode(
             self._graphdef,
             params,
@@ -851,9 +882,10 @@ class Engine:
             jnp.asarray(stop_state),
             steps=steps,
             sampling=self.sampling,
+            top_logprobs=self.top_logprobs,
         )
         self.cache = out[0]
-        tok, lp, ent, count, finish, stop_state, ran = jax.device_get(out[1:])
+        tok, lp, ent, count, finish, stop_state, ran, top, top_ids = jax.device_get(out[1:])
         counters = self.counters
         counters.decode_calls += 1
         counters.row_steps_run += batch * int(ran)
@@ -865,10 +897,22 @@ class Engine:
         for i, turn in enumerate(batch_rows):
             turn.stop_state = int(stop_state[i])
             self._finish_chunk(turn, tok[i], lp[i], ent[i], int(count[i]), int(finish[i]))
+            if self.top_logprobs:
+                self._keep_top(turn.generation, top[i], top_ids[i], int(count[i]))
         for turn in batch_rows:  # pages reserved for tokens that were not generated
             self._drop_pages(turn.slot, self._pages_for(self._cached(turn.slot)))
         counters.decode_seconds += time.perf_counter() - clock
         return batch_rows
+
+    def _keep_top(self, result: Generation, top, top_ids, n: int) -> None:
+        """Keeps the chunk's top entries up to ``top_logprobs_positions`` positions of the turn
+        (and no further than its tokens: a stop string may have dropped some)."""
+        limit = len(result.tokens)
+        if self.top_logprobs_positions:
+            limit = min(limit, self.top_logprobs_positions)
+        take = max(0, min(n, limit - len(result.top_ids)))
+        result.top_ids += top_ids[:take].tolist()
+        result.top_log_probs += top[:take].tolist()
 
     def _finish_chunk(self, turn: Turn, tok, lp, ent, n: int, finish: int) -> None:
         """Appends a chunk's tokens to the turn and its sequence; ends the turn at EOS, at a stop

@@ -73,18 +73,22 @@ def sampling_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def sample_next(
-    logits: jax.Array, keys: jax.Array, params: SamplingParams
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    logits: jax.Array, keys: jax.Array, params: SamplingParams, *, top_logprobs: int = 0
+) -> tuple[jax.Array, ...]:
     """Samples one token per row.
 
     Args:
       logits: [B, V] next-token logits.
       keys: [B] PRNG keys (one per row, so a row's draw does not depend on the other rows).
       params: static sampling settings.
+      top_logprobs: k > 0 also returns the k most likely tokens of the sampling distribution and
+        their log-probs (what vLLM's ``logprobs=k`` returns; AEPO's branching entropy reads them).
 
     Returns:
       (tokens [B] int32, log_prob [B] float32 of the token under the sampling distribution,
-      entropy [B] float32 of the sampling distribution, nats).
+      entropy [B] float32 of the sampling distribution, nats), then, with ``top_logprobs=k``,
+      (top log-probs [B, k] float32, descending, ``-inf`` for tokens the distribution excludes;
+      their ids [B, k] int32).
     """
     dist = sampling_logits(logits, params)
     if params.greedy:
@@ -93,4 +97,8 @@ def sample_next(
         tokens = jax.vmap(jax.random.categorical)(keys, dist)
     log_probs = jax.nn.log_softmax(dist, axis=-1)
     picked = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-    return tokens.astype(jnp.int32), picked, token_entropy(dist)
+    sample = (tokens.astype(jnp.int32), picked, token_entropy(dist))
+    if top_logprobs <= 0:
+        return sample
+    top_values, top_ids = jax.lax.top_k(log_probs, top_logprobs)
+    return (*sample, top_values, top_ids.astype(jnp.int32))

@@ -14,7 +14,7 @@ class RolloutMode(StrEnum):
     TREE = "tree"  # AT²PO: initial chains, then entropy-guided expansion rounds
     CHAIN = "chain"  # samples_per_tree independent chains per prompt (the GRPO baselines)
     # AEPO: initial_rollouts chains that branch after tool rounds on an entropy rise
-    # (rollout.aepo: the decision logic; the rollout loop does not run it yet)
+    # (decisions in rollout.aepo, rounds run by the scheduler in rollout.tree_search)
     AEPO = "aepo"
 
 

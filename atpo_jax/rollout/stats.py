@@ -27,6 +27,8 @@ class RolloutStats:
     generate_seconds: float = 0.0
     tool_seconds: float = 0.0  # wall time during which at least one tool call ran
     picks_by_depth: Counter = dataclasses.field(default_factory=Counter)
+    branch_copies: int = 0  # AEPO: chains copied at a branching round
+    fresh_chains: int = 0  # AEPO: chains started from the prompt after the initial ones
     # The scheduler's and the engine's figures (rollout/decode_occupancy and the kv_* metrics).
     row_steps_run: int = 0
     row_steps_useful: int = 0
@@ -55,6 +57,8 @@ def rollout_metrics(trees: Sequence[Tree], rows: Sequence[RowInfo], stats: Rollo
         "rollout/nodes_per_tree": float(np.mean([len(t.live_nodes()) for t in trees])),
         "rollout/generated_tokens": float(stats.generated_tokens),
         "rollout/generate_calls": float(stats.generate_calls),
+        "rollout/branch_copies": float(stats.branch_copies),
+        "rollout/fresh_chains": float(stats.fresh_chains),
         "time/generate_s": stats.generate_seconds,
         "time/tools_s": stats.tool_seconds,
         "schedule/decode_occupancy": stats.row_steps_useful / max(stats.row_steps_run, 1),

@@ -1,25 +1,24 @@
-"""Entropy-guided tree rollout (AT²PO §3.2; ALGORITHM.md §1-§2 with the fixes of DESIGN.md §9).
+"""Entropy-guided tree rollout (AT²PO §3.2; ALGORITHM.md §1-§2 with the fixes of DESIGN.md §9),
+and the chain baselines' rollouts (``rollout.mode``: ``chain``; ``aepo``, ALGORITHM.md §5).
 
-Per batch of prompts: ``initial_rollouts`` chains per tree, then ``expansion_iterations`` rounds; in
-each round every tree picks ``beam_size`` nodes (``kernels.select_expansion_nodes`` or uniformly at
+Per prompt (mode ``tree``): ``initial_rollouts`` chains, then ``expansion_iterations`` rounds; in
+each round the tree picks ``beam_size`` nodes (``kernels.select_expansion_nodes`` or uniformly at
 random) and each pick gets a sibling branch that keeps the pick's observation and re-samples its
 whole turn, run to completion. Every chain ends in exactly one leaf, so a tree has
-``initial_rollouts + expansion_iterations × beam_size`` leaves.
+``initial_rollouts + expansion_iterations × beam_size`` leaves. Mode ``aepo``: chains pause after
+each tool round and, once all of a tree's chains are paused or done, ``rollout.aepo.plan_round``
+decides the copies (siblings of a chain's current node with its observation) and the fresh chain.
 
-Host/device split: all active chains of all trees generate together in one batched engine call per
-turn; the turn rules (``rollout.turn_rules``: tool call, call limit, EOS, length) decide each
-node's fate as a :class:`~atpo_jax.rollout.turn_rules.Decision` that this loop applies; the
-round's tool calls run concurrently, and observations are appended with ``Engine.extend_many``.
-Branches start with ``Engine.fork_many`` from the slot holding the pick's prefix (a chain keeps its
-slot until the end of the wave, and a node's slot always holds its prefix), so nothing is
-re-prefilled. The tree records only the turns' content; which slot holds which chain is this
-loop's bookkeeping (:class:`Chain`).
+Host/device split: one :class:`_Scheduler` keeps a single decode batch full over all trees (paged
+KV cache, continuous batching): the turn rules (``rollout.turn_rules``) decide each node's fate as
+a :class:`~atpo_jax.rollout.turn_rules.Decision` that the scheduler applies; tool calls run on a
+thread pool while other chains decode; observations are appended with ``Engine.extend_many`` and
+branches start with ``Engine.fork_many`` (full pages shared), so nothing is re-prefilled. The tree
+records only the turns' content; which slot holds which chain is the scheduler's bookkeeping.
 
-Trees are processed in waves sized so that a wave fits the engine's slots (a tree needs one slot for
-its prompt and one per chain).
-
-Randomness: the key of every node is ``fold_in(fold_in(fold_in(key(seed), step), tree_id), node)``,
-so a rollout is reproducible and a tree does not depend on which other trees share its wave.
+Randomness: every node's key derives from (seed, step, tree, phase, chain ordinal, turn) and host
+choices from per-tree generators (:meth:`TreeSearch.tree_rng`), so a rollout is reproducible and a
+tree does not depend on the other trees, the pool size, the batch composition or tool timing.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import jax
 import numpy as np
 
 from atpo_jax import kernels
-from atpo_jax.rollout import turn_rules
+from atpo_jax.rollout import aepo, turn_rules
 from atpo_jax.rollout.engine import Engine, EngineCounters, Generation, Turn
 from atpo_jax.rollout.pack import (
     NodeOrder,
@@ -47,7 +46,13 @@ from atpo_jax.rollout.pack import (
     pack_trees,
 )
 from atpo_jax.rollout.pages import KVPoolExhausted
-from atpo_jax.rollout.settings import EntropyEstimator, ExpansionMode, RolloutSettings
+from atpo_jax.rollout.settings import (
+    AEPOEntropy,
+    EntropyEstimator,
+    ExpansionMode,
+    RolloutMode,
+    RolloutSettings,
+)
 from atpo_jax.rollout.stats import RolloutStats, rollout_metrics
 from atpo_jax.rollout.tree import Node, Tree, fix_leaf_count
 from atpo_jax.rollout.turn_rules import TOOL_FAILURE_TEXT, Decision, Outcome
@@ -200,7 +205,7 @@ class TreeSearch:
 
     def tree_rng(self, step: int, tree: Tree, purpose: str, round_: int = 0) -> np.random.Generator:
         """A NumPy generator for host-side choices (random expansion, pruning) of one tree."""
-        salt = {"expand": 1, "prune": 2}[purpose]
+        salt = {"expand": 1, "prune": 2, "branch": 3}[purpose]
         key = jax.random.fold_in(
             jax.random.fold_in(self._tree_key(step, tree), 2**31 - salt), round_
         )
@@ -216,6 +221,7 @@ class _State(enum.Enum):
     READY = "ready"  # decoding (or about to): has a Turn in progress
     TOOL = "tool"  # waiting for its tool call
     WRITE = "write"  # inserted tokens (observation, warning, forced EOS) to write to the cache
+    PAUSED = "paused"  # AEPO: its tool result is in; waits for its tree's branching round
     DONE = "done"  # its leaf is final
 
 
@@ -231,6 +237,9 @@ class _Chain(Chain):
     turn: Turn | None = None
     write: list[int] | None = None
     force_eos: bool = False
+    pause: bool = False  # AEPO: pause once the pending write (a tool result) is in the cache
+    h_first: float | None = None  # AEPO: H of the chain's first call, and of its latest
+    h_now: float = 0.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -244,6 +253,11 @@ class _TreeRun:
     chains: list[_Chain] = dataclasses.field(default_factory=list)
     next_slot: int = 1  # slots[0] holds the prompt
     order: dict = dataclasses.field(default_factory=dict)  # id(node) -> (turn, ordinal)
+    # AEPO (rollout.mode='aepo'): every chain of the tree stays in `chains`; rounds so far, the
+    # consecutive branching rounds, and a planned round whose forks wait for KV pages.
+    round: int = 0
+    consecutive: int = 0
+    plan: aepo.RoundPlan | None = None
 
     def take_slot(self) -> int:
         self.next_slot += 1
@@ -279,6 +293,11 @@ class _Scheduler:
         self.tool_started: dict[concurrent.futures.Future, float] = {}
         self.decodes = 0  # decode chunks run: the clock tool results are due by
         self.live_slots_peak = 0
+        self.branching = (
+            aepo.BranchRule.from_settings(self.settings)
+            if self.settings.mode == RolloutMode.AEPO
+            else None
+        )
 
     def run(self, trees: list[Tree]) -> None:
         queue = collections.deque(trees)
@@ -425,6 +444,10 @@ class _Scheduler:
         stats.generated_tokens += len(gen.tokens)
         node = chain.node
         self._record_generation(node, gen)
+        if self.branching is not None:
+            chain.h_now = self._call_entropy(gen)
+            if chain.h_first is None:
+                chain.h_first = chain.h_now
         decision = turn_rules.after_generation(
             finish_reason=gen.finish_reason,
             stop_string=gen.stop_string,
@@ -520,6 +543,7 @@ class _Scheduler:
         self.slot_of[id(child)] = chain.slot
         chain.run.order[id(child)] = (chain.turn_index, chain.ordinal)
         chain.write, chain.state = list(decision.tokens), _State.WRITE
+        chain.pause = self.branching is not None  # AEPO branches after every tool round
 
     # ------------------------------------------------------------------ cache writes
 
@@ -545,8 +569,11 @@ class _Scheduler:
                 self._count(decision)
                 self._end(chain.node, decision)
                 chain.state = _State.DONE
+            elif chain.pause:
+                chain.state = _State.PAUSED
             else:
                 self._ready(chain)
+            chain.pause = False
         return bool(done)
 
     def _in_batches(self, chains: list[_Chain], write) -> list[_Chain]:
@@ -584,6 +611,9 @@ class _Scheduler:
         """Trees whose chains are all done: renumber the phase's nodes, then expand or finish."""
         moved = False
         for run in list(self.live):
+            if self.branching is not None:
+                moved |= self._branch_round(run)
+                continue
             if any(c.state is not _State.DONE for c in run.chains):
                 continue
             if run.phase_start < len(run.tree.nodes):
@@ -653,6 +683,89 @@ class _Scheduler:
             chain = self._new_chain(run, branch, ordinal)
             self._ready(chain)
         return True
+
+    def _branch_round(self, run: _TreeRun) -> bool:
+        """AEPO: once every chain of the tree is done or paused after a tool round, decide the
+        copies and the fresh chain (``aepo.plan_round``), fork them, and resume the paused
+        chains with the new ones; a tree with no active chain and ``samples_per_tree`` chains is
+        finished. False: not at a round's end yet, or the forks wait for KV pages."""
+        if any(c.state not in (_State.PAUSED, _State.DONE) for c in run.chains):
+            return False
+        tree, engine, rule = run.tree, self.engine, self.branching
+        if run.phase_start < len(tree.nodes):
+            self._renumber(run)
+        active = [c for c in run.chains if c.state is _State.PAUSED]
+        if not active and len(run.chains) >= rule.samples:
+            engine.release(run.slots)
+            self.live.remove(run)
+            return True
+        if run.plan is None:  # drawn once: a retry after a full pool reuses the same decisions
+            run.plan = aepo.plan_round(
+                prompt_of_chain=[0] * len(active),
+                h_now=[c.h_now for c in active],
+                h_first=[c.h_first for c in active],
+                chains=[len(run.chains)],
+                consecutive=[run.consecutive],
+                rule=rule,
+                rng=self.search.tree_rng(self.step, tree, "branch", run.round),
+            )
+        plan = run.plan
+        sources = [c for c, n in zip(active, plan.copies.tolist(), strict=True) for _ in range(n)]
+        srcs = [c.slot for c in sources] + [run.slots[0]] * int(plan.fresh[0])
+        lengths = [engine.length(c.slot) for c in sources] + [len(tree.prompt)] * int(plan.fresh[0])
+        try:
+            engine.fork_many(srcs, run.slots[run.next_slot : run.next_slot + len(srcs)], lengths)
+        except KVPoolExhausted:
+            return False
+        new = []
+        for source in sources:
+            # A copy is the chain as it is now: a sibling of its node with the same observation
+            # (the tool result just inserted, nothing generated yet), generating on its own.
+            node = source.node
+            copy = tree.add_child(
+                node.parent,
+                depth=node.depth,
+                obs_len=node.obs_len,
+                calls_at_start=node.calls_at_start,
+                calls_made=node.calls_made,
+                entropy=node.entropy,
+                start=node.start,
+                piece_start=node.piece_start,
+                branch_of=node.index,
+            )
+            copy.append(list(node.tokens), 0)
+            new.append(self._new_chain(run, copy, ordinal=len(run.chains)))
+        if plan.fresh[0]:
+            new.append(self._new_chain(run, tree.add_child(0, depth=0), ordinal=len(run.chains)))
+        self.stats.branch_copies += len(sources)
+        self.stats.fresh_chains += int(plan.fresh[0])
+        run.consecutive, run.plan = int(plan.consecutive[0]), None
+        run.round += 1
+        run.phase_start = len(tree.nodes)
+        for chain in active + new:
+            self._ready(chain)
+        return True
+
+    def _call_entropy(self, gen: Generation) -> float:
+        """AEPO's H of one generate call (``rollout.aepo_entropy``), from the engine's top-k
+        entries (``topk``) or its exact per-token entropies."""
+        settings, vocab = self.settings, len(self.search.tokenizer)
+        if settings.aepo_entropy == AEPOEntropy.EXACT:
+            return aepo.call_entropy(settings, vocab, entropies=gen.entropies)
+        k = self.engine.top_logprobs
+        if not k:
+            raise ValueError(
+                "rollout.aepo_entropy='topk' needs an engine built with top_logprobs="
+                f"rollout.aepo_entropy_topk ({settings.aepo_entropy_topk})"
+            )
+        shown = len(gen.top_ids)
+        entries = aepo.returned_entries(
+            np.asarray(gen.top_ids, np.int64).reshape(shown, k),
+            np.asarray(gen.top_log_probs, np.float64).reshape(shown, k),
+            np.asarray(gen.tokens[:shown], np.int64),
+            np.asarray(gen.log_probs[:shown], np.float64),
+        )
+        return aepo.call_entropy(settings, vocab, entry_log_probs=entries)
 
     def _pick(self, trees: list[Tree], round_: int) -> list[list[int]]:
         settings, search = self.settings, self.search

@@ -66,7 +66,8 @@ class ScriptedEngine(Engine):
         return chain[turn] if turn < len(chain) else []
 
     def _scripted_decode(self, graphdef, state, cache, table, lengths, pending, active, budget,
-                         keys, eos, stop_table, stop_accepts, stop_state, *, steps, sampling):  # fmt: skip
+                         keys, eos, stop_table, stop_accepts, stop_state, *, steps, sampling,
+                         top_logprobs):  # fmt: skip
         active, budget = np.asarray(active), np.asarray(budget)
         slots = self._rows + [-1] * (len(active) - len(self._rows))
         eos_ids = set(np.asarray(eos).tolist())
@@ -94,4 +95,8 @@ class ScriptedEngine(Engine):
         zeros = jnp.zeros((batch, steps), jnp.float32)
         ran = int(count.max(initial=0))
         out = (jnp.asarray(tokens), zeros - 1.0, zeros, jnp.asarray(count), finish, stop_state, ran)
-        return (cache, *out)
+        top = (
+            jnp.full((batch, steps, top_logprobs), -jnp.inf),
+            jnp.zeros((batch, steps, top_logprobs)),
+        )
+        return (cache, *out, *top)

@@ -41,18 +41,9 @@ NOT_CONSUMERS = {
     PACKAGE + "settings.py",
     PACKAGE + os.path.join("train", "workdir.py"),
 }
-# Settings validated today whose consumer is not written yet: AEPO's branching
-# (``atpo_jax/rollout/aepo.py``) waits for the rollout scheduler to run its rounds, and
-# ``build_run`` refuses ``rollout.mode='aepo'`` until then. The test fails as soon as one of
-# them is read, so remove it here when it gets its consumer.
-PENDING = {
-    "rollout.aepo_entropy",
-    "rollout.aepo_entropy_topk",
-    "rollout.aepo_entropy_positions",
-    "rollout.aepo_entropy_weight",
-    "rollout.aepo_branch_threshold",
-    "rollout.aepo_branch_penalty",
-}
+# Settings validated today whose consumer is not written yet (none now). The test fails as soon
+# as one of them is read, so remove it here when it gets its consumer.
+PENDING: set[str] = set()
 
 
 def settings_classes(cls: type = RunSettings, path: str = "") -> dict[str, tuple[type, str]]:
@@ -145,7 +136,8 @@ def recorded_runs(world_dir, warm_model, tiny_qwen3, qa_files, world_dense_index
         )
         _train_one_step(tiny, str(root / "tiny"))
         # A policy that calls tools (the turn rules), PPO with a KL term, GRPO credit, padded rows,
-        # searching the dense index (what --config.tools.method=dense --config.tools.index=... do).
+        # searching the dense index (what --config.tools.method=dense --config.tools.index=... do),
+        # with AEPO's chain rollout (its chains branch after tool rounds).
         tools = runs.load_config(
             "tiny",
             {
@@ -158,6 +150,8 @@ def recorded_runs(world_dir, warm_model, tiny_qwen3, qa_files, world_dense_index
                 "credit.mode": "grpo",
                 "train.packing": "padded",
                 "rollout.trace_every": 1,
+                "rollout.mode": "aepo",
+                "rollout.beam_size": 2,
                 **world_dense_index,
             },
         )

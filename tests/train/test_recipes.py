@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from atpo_jax.builder import build_run
 from atpo_jax.config import run_settings
-from atpo_jax.settings import ConfigError
 from tests.train import runs
 
 # What the three baselines share: the chain rollout's rules, GRPO credit, the clip range, no
@@ -102,8 +100,3 @@ def test_the_tiny_baselines_change_only_the_method(method):
     for section in ("data", "model", "sft", "reward", "optim", "train", "eval"):
         assert getattr(settings, section) == getattr(tiny, section), section
     assert settings.rollout.max_response_len == tiny.rollout.max_response_len
-
-
-def test_the_aepo_recipes_refuse_to_train_until_the_rollout_runs_their_rounds(tmp_path):
-    with pytest.raises(ConfigError, match="rollout.mode='aepo' is validated but not wired"):
-        build_run(runs.load_config("tiny_aepo"), str(tmp_path))
