@@ -73,6 +73,12 @@ class RolloutSettings:
       empty_call: ``eos`` (the reference: a trained EOS ends the chain) or ``leaf``.
       tool_failure: ``leaf`` (end the chain) or ``error_text`` (insert a failure note, continue).
       tool_workers: concurrent tool calls.
+      tool_rejoin_chunks: a tool result rejoins decoding K decode chunks after its call was made
+        (the chain waits there for a late result, and the scheduler with it): a point fixed by the
+        trees, so decode batches, hence every float, do not depend on tool timing. Decoding
+        overlaps a call for up to K chunks: raise K where calls take longer than K chunks (short
+        chunks of a small model on CPU); when nothing else can decode, results are taken as they
+        come.
       temperature, top_p, top_k: sampling (temperature 0 = greedy; top_k 0 and top_p 1 = off).
       num_slots: sequences the engine tracks at once (prompts, chains, finished chains of live
         trees) and the most rows of one decode call; trees are admitted while they fit.
@@ -114,6 +120,7 @@ class RolloutSettings:
     empty_call: EmptyCallRule = EmptyCallRule.EOS
     tool_failure: ToolFailureRule = ToolFailureRule.LEAF
     tool_workers: int = 32
+    tool_rejoin_chunks: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -138,6 +145,7 @@ class RolloutSettings:
             "max_prompt_len",
             "max_response_len",
             "tool_workers",
+            "tool_rejoin_chunks",
             "num_slots",
             "decode_chunk",
             "kv_bucket",

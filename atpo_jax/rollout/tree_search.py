@@ -485,14 +485,15 @@ class _Scheduler:
         node = chain.node
         future = self.pool.submit(self.search.toolbox.run, node.query_tag, node.query)
         now = time.perf_counter()
-        # Due at the next chunk boundary: results rejoin at points fixed by the trees, not by
+        # Due K chunk boundaries later: results rejoin at points fixed by the trees, not by
         # thread timing, so batch composition (hence every float) is reproducible.
-        self.tools[future] = (chain, now + self.search.tool_timeout_s, self.decodes + 1)
+        due = self.decodes + self.settings.tool_rejoin_chunks
+        self.tools[future] = (chain, now + self.search.tool_timeout_s, due)
         self.tool_started[future] = now
 
     def _collect_tools(self, *, block: bool) -> bool:
-        """Applies the tool calls that are due (submitted before the last decode chunk, or all of
-        them when ``block``: nothing else can run), waiting for each up to its deadline; a call
+        """Applies the tool calls that are due (submitted ``rollout.tool_rejoin_chunks`` decode
+        chunks ago, or all of them when ``block``: nothing else can run), waiting for each up to its deadline; a call
         past its deadline counts as failed. Calls are applied in submission order."""
         due = [f for f, (_, _, at) in self.tools.items() if block or at <= self.decodes]
         if not due:

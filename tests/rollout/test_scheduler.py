@@ -102,6 +102,7 @@ def test_trees_do_not_depend_on_pool_size_batch_size_or_tool_timing():
         dict(num_slots=8),  # one tree at a time (1 + 7 sequences)
         dict(max_delay_s=0.03),  # tool results return in a random order
         dict(max_delay_s=0.03, kv_pages=peak // 2 + 1, decode_chunk=3),
+        dict(max_delay_s=0.03, tool_rejoin_chunks=3),  # results rejoin 3 chunks after the call
     ]
     for kwargs in variants:
         other, params = search_with(**kwargs)
