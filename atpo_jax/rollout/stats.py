@@ -33,6 +33,8 @@ class RolloutStats:
     row_steps_run: int = 0
     row_steps_useful: int = 0
     kv_bytes_read: float = 0.0
+    kv_pages_read: int = 0
+    kv_pages_read_once: int = 0
     kv_tokens_peak: int = 0
     kv_tokens_dense: int = 0
     kv_pool_waits: int = 0
@@ -71,6 +73,11 @@ def rollout_metrics(trees: Sequence[Tree], rows: Sequence[RowInfo], stats: Rollo
         if stats.tool_seconds > 0
         else 1.0,
         "schedule/decode_kv_bytes_per_s": stats.kv_bytes_read / max(stats.generate_seconds, 1e-9),
+        # Fraction of decode KV reads that are of pages other rows of the same step also read:
+        # what attending to shared prefixes once per step (cascade attention) would save.
+        "schedule/kv_reads_shared": 1.0 - stats.kv_pages_read_once / stats.kv_pages_read
+        if stats.kv_pages_read
+        else 0.0,
     }
     for depth, count in sorted(leaf_depth_histogram(trees).items()):
         metrics[f"rollout/leaf_depth_{depth}"] = float(count)
@@ -87,6 +94,7 @@ _MEAN_RATIOS = frozenset(
     {
         "schedule/decode_occupancy",
         "schedule/tool_overlap",
+        "schedule/kv_reads_shared",
         "schedule/decode_kv_bytes_per_s",
     }
 )

@@ -827,6 +827,8 @@ class _Scheduler:
         stats.row_steps_run += after.row_steps_run - before.row_steps_run
         stats.row_steps_useful += after.row_steps_useful - before.row_steps_useful
         stats.kv_bytes_read += after.kv_bytes_read - before.kv_bytes_read
+        stats.kv_pages_read += after.kv_pages_read - before.kv_pages_read
+        stats.kv_pages_read_once += after.kv_pages_read_once - before.kv_pages_read_once
         stats.kv_tokens_peak = max(stats.kv_tokens_peak, engine.pages.peak_used * engine.page_size)
         stats.kv_tokens_dense = max(stats.kv_tokens_dense, self.live_slots_peak * engine.max_len)
         stats.kv_pool_waits += engine.pages.waits

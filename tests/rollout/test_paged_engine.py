@@ -280,3 +280,35 @@ def test_a_stop_string_ends_the_row_inside_the_decode_loop(device_stops):
     assert engine.tokens(slot) == [1, 2, 3, 4, 5, 6]
     steps_run = engine.counters.row_steps_run
     assert steps_run == (5 if device_stops else 32)
+
+
+def test_page_read_counters_match_a_step_by_step_count(model):
+    """``kv_pages_read`` counts each row's pages at each of its steps; ``kv_pages_read_once``
+    counts a page once per step while any row holding it runs (a NumPy loop over steps here)."""
+    engine = make_engine(model, num_slots=8, max_len=64, decode_chunk=5)
+    params = nnx.state(model)
+    slots = engine.allocate(4)
+    engine.prefill(params, slots[0], list(range(1, 14)))  # 13 tokens: 3 full pages + 1 partial
+    engine.fork_many([slots[0]] * 3, slots[1:], [13, 13, 9])  # one fork ends inside page 3
+    seen = []
+    count = engine._count_page_reads
+
+    def record(table, steps):
+        seen.append((table.copy(), np.asarray(steps).copy()))
+        count(table, steps)
+
+    engine._count_page_reads = record
+    keys = jax.random.split(jax.random.key(0), 4)
+    budgets = [5, 2, 5, 3]  # rows stop at different steps
+    engine.generate(params, slots, budgets, keys)
+    want_rows = want_once = 0
+    for table, steps in seen:
+        for t in range(int(steps.max(initial=0))):
+            running = [i for i in range(len(steps)) if steps[i] > t]
+            pages = [set(table[i][table[i] != 0].tolist()) for i in running]
+            want_rows += sum(len(p) for p in pages)
+            want_once += len(set().union(*pages))
+    assert engine.counters.kv_pages_read == want_rows
+    assert engine.counters.kv_pages_read_once == want_once
+    assert want_once < want_rows  # the forks share the prompt's full pages
+    engine.release(slots)

@@ -122,6 +122,7 @@ def test_rollout_metrics_report_occupancy_memory_and_overlap():
     # Shared prefixes and finished-chain pages only: far below one full sequence per live slot.
     assert 0 < m["schedule/kv_tokens_peak"] < m["schedule/kv_tokens_dense_equivalent"]
     assert 0.0 <= m["schedule/tool_overlap"] <= 1.0
+    assert 0.0 < m["schedule/kv_reads_shared"] < 1.0  # chains of a tree share the prompt's pages
     assert m["time/tools_s"] > 0.0
     assert search.engine.pages.used == 0
 
