@@ -145,6 +145,19 @@ def _next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def batch_bucket(rows: int) -> int:
+    """Rows of a device call holding ``rows`` sequences: powers of two up to 8, then four sizes
+    per octave (multiples of an eighth of the next power of two: 10, 12, 14, 16, 20, 24, 28, 32,
+    40, ...). Padding rows cost a full row of compute and KV reads, so quarter-octave steps keep
+    it under 25% of the rows (about 8% on average) for at most 4 programs per octave, where
+    powers of two would pad up to half the batch."""
+    power = _next_power_of_two(rows)
+    if power <= 8:
+        return power
+    granule = power // 8
+    return -(-rows // granule) * granule
+
+
 def _keep_layout(cache: PagedKVCache, cache_sharding: PagedKVCache | None) -> PagedKVCache:
     """The returned pool in the pool's sharding (on a mesh), so a donated pool keeps its layout."""
     if cache_sharding is None:
@@ -972,7 +985,7 @@ class Engine:
         return list(rng)
 
     def _batch_bucket(self, rows: int) -> int:
-        return min(_next_power_of_two(rows), max(self.num_slots, rows))
+        return min(batch_bucket(rows), max(self.num_slots, rows))
 
     def attended_length(self, length: int) -> int:
         """Attended cache length for sequences up to ``length``: a power-of-two multiple of

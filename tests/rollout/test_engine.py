@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from atpo_jax import models
-from atpo_jax.rollout.engine import Engine
+from atpo_jax.rollout.engine import Engine, batch_bucket
 from atpo_jax.rollout.sampling import SamplingParams, sampling_logits
 from atpo_jax.rollout.stop import StopStringMatcher
 from tests.rollout.scripted import piece_decoder, successor_model
@@ -384,3 +384,23 @@ def test_bad_inputs_give_clear_errors(model):
         Engine(model, num_slots=1, max_len=8, eos_token_ids=[0], stop_strings=("</s>",))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_batch_buckets_are_quarter_octaves_above_eight():
+    # Powers of two up to 8, then multiples of an eighth of the next power of two.
+    assert [batch_bucket(r) for r in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert [batch_bucket(r) for r in (9, 10, 11, 13, 16)] == [10, 10, 12, 14, 16]
+    assert [batch_bucket(r) for r in (17, 33, 46, 65, 100, 129, 184)] == [
+        20,
+        40,
+        48,
+        80,
+        112,
+        160,
+        192,
+    ]
+    rows = np.arange(1, 2049)
+    buckets = np.array([batch_bucket(r) for r in rows])
+    assert np.all(buckets >= rows) and np.all(np.diff(buckets) >= 0)
+    assert np.max((buckets - rows)[rows > 8] / buckets[rows > 8]) < 0.25
+    assert len(set(buckets[(rows > 256) & (rows <= 512)].tolist())) == 4  # one octave
