@@ -20,6 +20,7 @@ from atpo_jax.tools.cache import RetrievalCache
 from atpo_jax.tools.corpus import CorpusError, read_corpus, write_corpus
 from atpo_jax.tools.dense import DenseRetriever
 from atpo_jax.tools.http_retriever import HttpRetriever, RetryPolicy
+from atpo_jax.tools.noisy import NoisyRetriever
 from atpo_jax.tools.parsing import (
     CALL_LIMIT_WARNING,
     DEFAULT_CALL_LIMIT,
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_CALL_LIMIT",
     "DenseRetriever",
     "HttpRetriever",
+    "NoisyRetriever",
     "LocalBM25Retriever",
     "MalformedResponseError",
     "NO_RESULTS_TEXT",

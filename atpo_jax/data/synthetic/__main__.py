@@ -1,4 +1,4 @@
-"""``python -m atpo_jax.data.synthetic --out DIR``: build the synthetic world's files."""
+"""``python -m atpo_jax.data.synthetic --out DIR [--world W]``: build the synthetic world's files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,20 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from atpo_jax.data.synthetic.build import SyntheticWorldConfig, build_synthetic_world, read_manifest
+from atpo_jax.data.synthetic.build import (
+    WORLDS,
+    SyntheticWorldConfig,
+    build_synthetic_world,
+    read_manifest,
+)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -21,9 +34,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if field.name == "demo_mistake_weights":
             continue
         default = getattr(defaults, field.name)
+        if field.name == "world":
+            worlds = "; ".join(f"{name}: {w.mechanism}" for name, w in WORLDS.items())
+            parser.add_argument(
+                "--world",
+                choices=list(WORLDS),
+                default=default,
+                help=f"(default {default}) {worlds}",
+            )
+            continue
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=type(default),
+            type=_bool if isinstance(default, bool) else type(default),
             default=default,
             help=f"(default {default})",
         )

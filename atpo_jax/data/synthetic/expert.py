@@ -11,6 +11,12 @@ work. Optional scripted mistakes make the noisy demonstrations:
   the chain (wrong);
 * ``"wrong_answer"``: it follows the whole chain, then answers another name from the last result (wrong).
 
+In the harder worlds it also queries a namesake with its occupation (``Dravon painter``: the
+question gives the subject's, the page that links to a namesake gives the others'), reads a fact only
+from the page of the right namesake, and when a result lacks the fact it needs (the retriever's
+top-k missed the page) it re-queries with the relation's keyword (``Dravon born``, then
+``born Dravon``): a different query, which a retriever with seeded per-query misses answers anew.
+
 Turns are written in the tokenizer's canonical spacing (tokens separated by single spaces).
 
 :func:`play_episode` drives an agent through the real tool code (:func:`atpo_jax.tools.decide_turn`, a
@@ -26,8 +32,8 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from atpo_jax.data.synthetic.questions import parse_question
-from atpo_jax.data.synthetic.world import RELATIONS
+from atpo_jax.data.synthetic.questions import parse_question_full
+from atpo_jax.data.synthetic.world import ALL_RELATIONS, OCCUPATIONS
 from atpo_jax.data.transcripts import Segment
 from atpo_jax.tools.parsing import DEFAULT_CALL_LIMIT, TurnAction, decide_turn, stop_tag
 from atpo_jax.tools.passages import format_observation
@@ -40,6 +46,16 @@ THINK_RECOVER = "That is not it . I will search {} ."
 THINK_GUESS = "I know the answer ."
 THINK_SENTENCES = (THINK_START, THINK_RECOVER, THINK_GUESS)
 _NAME = re.compile(r"\b[A-Z][a-z]+\b")
+_PAGE = re.compile(r"(?m)^Page \d+: ")
+# The word of each relation's phrase that a re-query adds (it occurs in the pages stating it).
+RELATION_KEYWORDS = {
+    "born_in": "born",
+    "founded_by": "founded",
+    "based_in": "based",
+    "located_in": "city",
+    "capital": "capital",
+    "works_for": "works",
+}
 
 
 class Agent(Protocol):
@@ -54,9 +70,38 @@ class ExpertError(RuntimeError):
 
 def read_fact(observation: str, subject: str, relation: str) -> str | None:
     """The object of ``<subject> <relation phrase> <object>`` in a result text, or None."""
-    phrase = r"\s+".join(map(re.escape, RELATIONS[relation].phrase.split()))
-    match = re.search(rf"\b{re.escape(subject)}\s+{phrase}\s+(\w+)", observation)
-    return match.group(1) if match else None
+    link = read_link(observation, subject, relation)
+    return None if link is None else link[0]
+
+
+def read_link(
+    observation: str, subject: str, relation: str, attribute: str | None = None
+) -> tuple[str, str | None] | None:
+    """``(object name, object's occupation or None)`` of ``<subject> <relation phrase> <object>``
+    in a result text (a namesake object reads ``the <occupation> <name>``), or None.
+
+    With ``attribute``, only a page that also says ``<subject> is a <attribute>`` counts: the page
+    of the right namesake, not another one of the same name."""
+    phrase = r"\s+".join(map(re.escape, ALL_RELATIONS[relation].phrase.split()))
+    occupations = "|".join(OCCUPATIONS)
+    fact = re.compile(rf"\b{re.escape(subject)}\s+{phrase}\s+(?:the\s+({occupations})\s+)?(\w+)")
+    pages = [observation]
+    if attribute is not None:
+        own = re.compile(rf"\b{re.escape(subject)}\s+is\s+a\s+{re.escape(attribute)}\b")
+        pages = [p for p in _PAGE.split(observation) if own.search(p)]
+    for page in pages:
+        match = fact.search(page)
+        if match:
+            return match.group(2), match.group(1)
+    return None
+
+
+def entity_queries(name: str, attribute: str | None, relation: str) -> list[str]:
+    """The expert's queries for an entity, in order: its name (with a namesake's occupation), then
+    two re-queries with the keyword of the relation it needs (see the module docstring)."""
+    base = name if attribute is None else f"{name} {attribute}"
+    keyword = RELATION_KEYWORDS[relation]
+    return [base, f"{base} {keyword}", f"{keyword} {base}"]
 
 
 def answer_turn(think: str, answer: str, *, first: bool = False) -> str:
@@ -96,9 +141,11 @@ class ExpertAgent:
             raise ValueError(
                 f"mistake must be None or one of {MISTAKE_KINDS}, got {self.mistake!r}"
             )
-        template, subject = parse_question(self.question)
+        template, subject, attribute = parse_question_full(self.question)
         self.relations = template.relations
         self.chain = [subject]  # names found so far
+        self.attributes: list[str | None] = [attribute]  # a namesake's occupation, per name
+        self.attempt = 0  # queries made for the current name (re-queries after a miss)
         self.searching_wrong = False
         self.started = False
 
@@ -110,31 +157,49 @@ class ExpertAgent:
             raise ExpertError("no wrong name available for a scripted mistake")
         return self.rng.choice(pool)
 
+    def _query(self) -> str | None:
+        """The next query for the current name (None once the re-queries are used up)."""
+        relation = self.relations[len(self.chain) - 1]
+        queries = entity_queries(self.chain[-1], self.attributes[-1], relation)
+        if self.attempt >= len(queries):
+            return None
+        self.attempt += 1
+        return queries[self.attempt - 1]
+
     def act(self, observation: str | None) -> str:
         if not self.started:
             self.started = True
-            subject = self.chain[0]
             if self.mistake == "early_answer" and self.mistake_hop == 0:
                 return answer_turn(THINK_GUESS, self._wrong_name([]), first=True)
             if self.mistake == "wrong_search" and self.mistake_hop == 0:
                 self.searching_wrong = True
                 wrong = self._wrong_name([])
                 return search_turn(THINK_START.format(wrong), wrong, first=True)
-            return search_turn(THINK_START.format(subject), subject, first=True)
-        current = self.chain[-1]
+            query = self._query()
+            return search_turn(THINK_START.format(query), query, first=True)
         if self.searching_wrong:
             self.searching_wrong = False
-            return search_turn(THINK_RECOVER.format(current), current)
+            query = self._query()
+            return search_turn(THINK_RECOVER.format(query), query)
         if observation is None:
             raise ExpertError("the expert needs a search result to continue")
+        current = self.chain[-1]
         relation = self.relations[len(self.chain) - 1]
-        found = read_fact(observation, current, relation)
-        if found is None:
-            raise ExpertError(
-                f"no '{current} {RELATIONS[relation].phrase} ...' in the result:\n{observation}"
-            )
+        link = read_link(observation, current, relation, self.attributes[-1])
+        if link is None:
+            query = self._query()  # the page is not in the result: re-query
+            if query is None:
+                raise ExpertError(
+                    f"no '{current} {ALL_RELATIONS[relation].phrase} ...' in the result:\n"
+                    f"{observation}"
+                )
+            return search_turn(THINK_RECOVER.format(query), query)
+        found, found_attribute = link
         self.chain.append(found)
-        fact = f"{current} {RELATIONS[relation].phrase} {found} ."
+        self.attributes.append(found_attribute)
+        self.attempt = 0
+        shown = found if found_attribute is None else f"the {found_attribute} {found}"
+        fact = f"{current} {ALL_RELATIONS[relation].phrase} {shown} ."
         step = len(self.chain) - 1  # chain steps resolved so far
         if step == len(self.relations):
             answer = found
@@ -146,7 +211,8 @@ class ExpertAgent:
         if self.mistake == "wrong_search" and self.mistake_hop == step:
             self.searching_wrong = True
             return search_turn(fact, self._wrong_name(_NAME.findall(observation)))
-        return search_turn(fact, found)
+        query = self._query()
+        return search_turn(fact, query)
 
 
 @dataclasses.dataclass(frozen=True)

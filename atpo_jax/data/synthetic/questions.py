@@ -16,7 +16,13 @@ import random
 import re
 from collections.abc import Sequence
 
-from atpo_jax.data.synthetic.world import RELATIONS, World
+from atpo_jax.data.synthetic.world import (
+    ALL_RELATIONS,
+    OCCUPATIONS,
+    World,
+    display_name,
+    key_occupation,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +38,13 @@ class Template:
 
     @property
     def pattern(self) -> re.Pattern[str]:
+        """Matches a question of this template: group 2 is the subject's name, group 1 the
+        occupation that qualifies a namesake subject ("the painter Dravon"), if any."""
         head, tail = self.text.split("{}")
-        return re.compile(re.escape(head) + r"(\w+)" + re.escape(tail) + r"$")
+        return re.compile(re.escape(head) + _QUALIFIER + r"(\w+)" + re.escape(tail) + r"$")
+
+
+_QUALIFIER = r"(?:the (" + "|".join(OCCUPATIONS) + r") )?"
 
 
 # Every template ends with the subject name, right before "?": the name then sits at the same
@@ -79,14 +90,56 @@ TEMPLATES: tuple[Template, ...] = (
         "What is the capital of the base country of {}?",
     ),
 )
-TEMPLATES_BY_KEY = {t.key: t for t in TEMPLATES}
+# Only in the worlds with ``max_hops`` 4 or 5 (they need ``works_for``); kept out of TEMPLATES, whose
+# texts the easy world's vocabulary and name draws are built from.
+LONG_TEMPLATES: tuple[Template, ...] = (
+    Template(
+        "founder_capital",
+        "company",
+        ("founded_by", "born_in", "located_in", "capital"),
+        "What is the capital of the birth country of the founder of {}?",
+    ),
+    Template(
+        "employer_founder_country",
+        "person",
+        ("works_for", "founded_by", "born_in", "located_in"),
+        "Which country is the birthplace of the founder of the employer of {}?",
+    ),
+    Template(
+        "employer_capital",
+        "person",
+        ("works_for", "based_in", "located_in", "capital"),
+        "What is the capital of the base country of the employer of {}?",
+    ),
+    Template(
+        "employer_founder_capital",
+        "person",
+        ("works_for", "founded_by", "born_in", "located_in", "capital"),
+        "What is the capital of the birth country of the founder of the employer of {}?",
+    ),
+    Template(
+        "founder_employer_capital",
+        "company",
+        ("founded_by", "works_for", "based_in", "located_in", "capital"),
+        "What is the capital of the base country of the employer of the founder of {}?",
+    ),
+)
+ALL_TEMPLATES = TEMPLATES + LONG_TEMPLATES
+TEMPLATES_BY_KEY = {t.key: t for t in ALL_TEMPLATES}
+
+
+def templates_up_to(max_hops: int) -> tuple[Template, ...]:
+    """The templates of a world with chains of at most ``max_hops`` (3: the easy world's)."""
+    return tuple(t for t in ALL_TEMPLATES if t.hops <= max_hops)
 
 
 @dataclasses.dataclass(frozen=True)
 class Question:
+    """A question and its chain of entity keys (names, or ``"Name~occupation"`` for namesakes)."""
+
     text: str
     template: str
-    chain: tuple[str, ...]  # subject, intermediate entities, answer
+    chain: tuple[str, ...]  # subject, intermediate entities, answer (keys)
 
     @property
     def subject(self) -> str:
@@ -94,23 +147,50 @@ class Question:
 
     @property
     def answer(self) -> str:
-        return self.chain[-1]
+        return display_name(self.chain[-1])
 
     @property
     def hops(self) -> int:
         return len(self.chain) - 1
 
+    @property
+    def names(self) -> list[str]:
+        """The chain as the names the text shows."""
+        return [display_name(k) for k in self.chain]
 
-def parse_question(text: str) -> tuple[Template, str]:
-    """The template and subject name of a synthetic question (``?`` optional, whitespace ignored)."""
+    @property
+    def attributes(self) -> list[str | None]:
+        """Per chain entity, the occupation that tells a namesake apart (None: a unique name)."""
+        return [key_occupation(k) for k in self.chain]
+
+    @property
+    def decisive_hop(self) -> int | None:
+        """The first search (0 = the subject's) whose entity has namesakes, so that only the query
+        qualified with its occupation finds its page: the turn where a careless query goes astray.
+        None when no search of the chain is ambiguous."""
+        for hop, attribute in enumerate(self.attributes[:-1]):
+            if attribute is not None:
+                return hop
+        return None
+
+
+def parse_question_full(text: str) -> tuple[Template, str, str | None]:
+    """The template, subject name and the subject's qualifying occupation (None if the question
+    gives none) of a synthetic question (``?`` optional, whitespace ignored)."""
     text = " ".join(text.split())
     if not text.endswith("?"):
         text += "?"
-    for template in TEMPLATES:
+    for template in ALL_TEMPLATES:
         match = template.pattern.match(text)
         if match:
-            return template, match.group(1)
+            return template, match.group(2), match.group(1)
     raise ValueError(f"not a synthetic-world question: {text!r}")
+
+
+def parse_question(text: str) -> tuple[Template, str]:
+    """The template and subject name of a synthetic question (``?`` optional, whitespace ignored)."""
+    template, subject, _ = parse_question_full(text)
+    return template, subject
 
 
 def follow_chain(world: World, subject: str, relations: Sequence[str]) -> tuple[str, ...]:
@@ -121,25 +201,42 @@ def follow_chain(world: World, subject: str, relations: Sequence[str]) -> tuple[
 
 
 def is_strict(world: World, chain: Sequence[str]) -> bool:
-    """True when the answer is not in any passage mentioning chain[0..k-2] (see module docstring)."""
-    answer = chain[-1]
-    for name in chain[:-2]:
-        for entity in world.mentioned_in(name):
-            if entity.name == answer or any(obj == answer for _, obj in entity.facts):
+    """True when the answer is not in any passage mentioning chain[0..k-2] (see module docstring).
+
+    Names, not keys, are compared: a search for a name retrieves every namesake's page."""
+    answer = display_name(chain[-1])
+    for key in chain[:-2]:
+        for entity in world.mentioned_in(display_name(key)):
+            if answer in entity.names_in_passage():
                 return False
-    return answer not in chain[:-1]
+    return answer not in {display_name(k) for k in chain[:-1]}
 
 
-def generate_questions(world: World) -> list[Question]:
-    """Every (template, subject) question whose chain is strict, in world order then template order."""
+def generate_questions(
+    world: World,
+    templates: Sequence[Template] = TEMPLATES,
+    *,
+    ambiguous_subjects: bool = True,
+) -> list[Question]:
+    """Every (template, subject) question whose chain is strict, in world order then template order.
+
+    A namesake subject is named with its occupation ("the painter Dravon"); with
+    ``ambiguous_subjects=False`` questions about namesakes are left out (namesakes are then only
+    met in the middle of chains). Chains that visit an entity twice are left out.
+    """
     questions = []
     for entity in world.entities:
-        for template in TEMPLATES:
+        if entity.namesake and not ambiguous_subjects:
+            continue
+        for template in templates:
             if template.subject_kind != entity.kind:
                 continue
-            chain = follow_chain(world, entity.name, template.relations)
-            if is_strict(world, chain):
-                questions.append(Question(template.text.format(entity.name), template.key, chain))
+            chain = follow_chain(world, entity.key, template.relations)
+            if len(set(chain)) == len(chain) and is_strict(world, chain):
+                subject = (
+                    f"the {entity.occupation} {entity.name}" if entity.namesake else entity.name
+                )
+                questions.append(Question(template.text.format(subject), template.key, chain))
     return questions
 
 
@@ -182,4 +279,4 @@ def split_by_subject(
 
 
 def relation_phrase(relation: str) -> str:
-    return RELATIONS[relation].phrase
+    return ALL_RELATIONS[relation].phrase
