@@ -13,8 +13,7 @@ Variants:
   ``qwen3_4b_grpo``, ``qwen3_4b_gspo``, ``qwen3_4b_aepo`` — the paper's baselines with the
       reference scripts' settings (ALGORITHM.md §5: ``AEPO/scripts/{GRPO,AEPO}_qwen3_4B.sh``):
       chain rollouts of 16 per prompt, GRPO advantages, the token PPO loss (GSPO: sequence
-      ratio), needing what ``qwen3_4b`` needs. ``qwen3_4b_aepo`` (entropy-triggered branching)
-      validates but refuses to train until the rollout runs AEPO's rounds.
+      ratio; AEPO: entropy-triggered chain branching), needing what ``qwen3_4b`` needs.
   ``tiny_grpo``, ``tiny_gspo``, ``tiny_aepo`` — the same baselines on the ``tiny`` run (its world,
       model, warm start, reward and 8 rows per question), for the paper's comparison on a CPU.
 
@@ -118,6 +117,12 @@ def qwen3_4b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.remat = True
     c.mesh.data = 1
     c.mesh.fsdp = -1  # ZeRO-3 over every device: a 4B policy + AdamW does not fit replicated
+    # The KV pool in tokens, not slots x max_len (that dense equivalent, 256 x 8192 tokens, is 309 GB
+    # in bf16): 32,768 pages x 16 = 524k tokens, 77 GB over the mesh (9.7 GB per device on 8
+    # GPUs). Trees share prefixes page by page and a paper tree holds ~33k unique tokens, so the 11
+    # trees 256 slots admit fit; if a run's chains are longer they wait for pages
+    # (schedule/kv_pool_waits) instead of failing.
+    c.rollout.kv_pages = 32768
     # train.packing=tree (the default): each tree's nodes once, 16,384 tokens per device per
     # micro-batch (train.micro_batch_tokens, the reference's per-GPU budget). For
     # train.packing=padded: 1 row of 8192 tokens per device on 8 GPUs (47 GB of the train step; 2
