@@ -22,7 +22,7 @@ from atpo_jax.data import DatasetError, read_rows
 from atpo_jax.data.prompts import encode_prompt
 from atpo_jax.data.rows import QARow
 from atpo_jax.data.settings import DataSource
-from atpo_jax.data.synthetic import build_synthetic_world, load_tokenizer
+from atpo_jax.data.synthetic import build_synthetic_world, load_tokenizer, world_noise
 from atpo_jax.rollout.engine import Engine, cache_shardings, dense_equivalent_pages
 from atpo_jax.rollout.settings import AEPOEntropy, RolloutMode
 from atpo_jax.rollout.tree_search import TreeSearch
@@ -63,7 +63,10 @@ def build_run(
     )
     train_prompts = encode_prompts(data.tokenizer, data.train, settings.rollout.max_prompt_len)
     toolbox = build_toolbox(
-        settings.tools, default_corpus=data.corpus, max_workers=settings.rollout.tool_workers
+        settings.tools,
+        default_corpus=data.corpus,
+        max_workers=settings.rollout.tool_workers,
+        retrieval_noise=data.retrieval_noise,
     )
     check_retriever(toolbox, settings.tools)
     model, initial = policy_model(settings, data.tokenizer)
@@ -133,6 +136,7 @@ def load_data(settings: RunSettings, workdir: str, *, training: bool = True) -> 
             corpus=files.corpus,
             demos=files.demos,
             world=files.world,
+            retrieval_noise=world_noise(files),
         )
     train_paths = d.train_paths if training else []
     if not training and not d.eval_paths:

@@ -7,9 +7,9 @@ after RL. Prints a markdown table and writes ``--plot`` (held-out EM per seed an
 training reward).
 
 Run: ``python benchmarks/default_run.py [--seeds 0 1 2] [--plot docs/images/default_run.png]``.
-Each run keeps every checkpoint (``checkpoint.keep``) in ``<workdir>/seed<S>_atpo`` so that
-``benchmarks/ablation.py`` with the same ``--workdir`` reuses it as its ``atpo`` run and its step-0
-checkpoint as the seed's warm start.
+Each run keeps every checkpoint (``checkpoint.keep``) in ``<workdir>/seed<S>_atpo``.
+``benchmarks/ablation.py`` does not reuse these runs: its sweeps (``<workdir>/<world>/...``) train
+their own shared warm start per (world, seed), with the protocol's settings (docs/ablation.md).
 """
 
 from __future__ import annotations

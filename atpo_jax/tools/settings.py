@@ -13,6 +13,7 @@ from atpo_jax.tools.corpus import CorpusError
 from atpo_jax.tools.dense import DenseRetriever
 from atpo_jax.tools.dense_index import IndexMismatchError
 from atpo_jax.tools.http_retriever import HttpRetriever, RetryPolicy
+from atpo_jax.tools.noisy import NoisyRetriever
 from atpo_jax.tools.python_sandbox import (
     Isolation,
     PythonSandboxConfig,
@@ -135,19 +136,29 @@ class ToolSettings:
 
 
 def build_toolbox(
-    settings: ToolSettings, *, default_corpus: str | None, max_workers: int
+    settings: ToolSettings,
+    *,
+    default_corpus: str | None,
+    max_workers: int,
+    retrieval_noise: tuple[float, int] = (0.0, 0),
 ) -> Toolbox:
     """The tools of ``settings.instances`` (plus python with ``settings.python``): search (HTTP
     service, else the dense index or local BM25 over ``settings.corpus or default_corpus``),
     the python tool, and any registered or dotted-path tool. Raises ``ConfigError`` naming the
-    setting for a bad URL, corpus, index, encoder, tool or duplicate tag."""
+    setting for a bad URL, corpus, index, encoder, tool or duplicate tag.
+
+    ``retrieval_noise`` is ``(miss rate, seed)`` of the data's world (the synthetic ``noisy`` and
+    ``mixed`` worlds record theirs in their manifest): with a rate > 0 the search tool's retriever,
+    whichever it is, is wrapped in a :class:`~atpo_jax.tools.noisy.NoisyRetriever`, so training
+    and evaluation search the world as it was built to be searched. A rate of 0 (every other
+    world, and ``data.source=files``) leaves the retriever as it is."""
     specs = [parse_plugin_spec(s, "tools.instances") for s in settings.instances]
     if settings.python and all(spec.target != "python" for spec in specs):
         specs.append(parse_plugin_spec("python", "tools.python"))
     tools = []
     for spec in specs:
         if spec.target == "search":
-            tools.append(_search_tool(settings, default_corpus))
+            tools.append(_search_tool(settings, default_corpus, retrieval_noise))
         elif spec.target == "python":
             tools.append(_python_tool(settings))
         else:
@@ -165,8 +176,10 @@ def build_toolbox(
         raise ConfigError(f"tools.instances={settings.instances!r}: {e}") from e
 
 
-def _search_tool(settings: ToolSettings, default_corpus: str | None) -> SearchTool:
-    """The search tool over the configured retriever."""
+def _search_tool(
+    settings: ToolSettings, default_corpus: str | None, retrieval_noise: tuple[float, int]
+) -> SearchTool:
+    """The search tool over the configured retriever (with the world's retrieval noise, if any)."""
     if settings.retriever_url:
         retry = RetryPolicy(
             read_timeout_s=settings.timeout_s,
@@ -194,6 +207,10 @@ def _search_tool(settings: ToolSettings, default_corpus: str | None) -> SearchTo
             retriever = LocalBM25Retriever(corpus)
         except CorpusError as e:
             raise ConfigError(f"tools.corpus={corpus!r}: {e}") from e
+    miss_rate, seed = retrieval_noise
+    if miss_rate > 0:
+        retriever = NoisyRetriever(retriever, miss_rate=miss_rate, seed=seed)
+        log.info("search: the world's retrieval noise, miss rate %g (seed %d)", miss_rate, seed)
     return SearchTool(retriever, topk=settings.topk, max_chars=settings.max_passage_chars)
 
 

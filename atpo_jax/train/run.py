@@ -33,6 +33,9 @@ class Data:
       corpus: the search corpus the data comes with (synthetic: the world's), or None.
       demos: the demonstrations file (synthetic), or None.
       world: the synthetic world's entities file (for demonstration renaming), or None.
+      retrieval_noise: ``(miss rate, seed)`` of the retrieval noise the data's world is searched
+        with (the synthetic ``noisy`` and ``mixed`` worlds: their manifest's ``world.retrieval``);
+        the run's search tool wraps its retriever in a ``NoisyRetriever`` when the rate is > 0.
     """
 
     train: Sequence[QARow]
@@ -41,6 +44,7 @@ class Data:
     corpus: str | None = None
     demos: str | None = None
     world: str | None = None
+    retrieval_noise: tuple[float, int] = (0.0, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ from atpo_jax.train.checkpointing import (
     install_sigterm_handler,
 )
 from atpo_jax.train.credit import assign_credit
+from atpo_jax.train.diagnostics import diagnostic_counts, diagnostic_metrics
 from atpo_jax.train.metrics import (
     MetricsWriter,
     PhaseTimer,
@@ -514,6 +515,7 @@ class Trainer:
             data_position=step * s.train.prompts_per_step,
         )
         metrics = self._step_metrics(state, out, results, scores, advantages, cost, update_metrics)
+        metrics.update(self._tree_diagnostics(out, scores, batch_spec))
         # Traces show process 0's trees (each process holds only its own).
         if s.rollout.trace_every and step % s.rollout.trace_every == 0 and jax.process_index() == 0:
             self._write_trace(step, out, nodes, credit)
@@ -554,6 +556,16 @@ class Trainer:
             )
         )
         return metrics
+
+    def _tree_diagnostics(self, out, scores, batch: StepBatch) -> dict[str, float]:
+        """The ``tree/*`` diagnostics (``atpo_jax.train.diagnostics``): host-side counts over the
+        step's trees, new keys only (nothing the run computes depends on them)."""
+        run = self.run
+        decisive = [run.data.train[i].extra_info.get("decisive_hop") for i in batch.indices]
+        counts = diagnostic_counts(
+            out.trees, scores, run.settings.rollout.samples_per_tree, decisive
+        )
+        return diagnostic_metrics(parallel.allgather_objects(counts))
 
     def _write_trace(self, step: int, out, nodes, credit) -> None:
         records = tree_records(

@@ -20,6 +20,7 @@ from atpo_jax.data.synthetic.build import (
     build_synthetic_world,
     read_demos,
     read_manifest,
+    world_noise,
     world_retriever,
 )
 from atpo_jax.data.synthetic.demos import demo_segments, make_demonstrations
@@ -102,5 +103,6 @@ __all__ = [
     "save_word_tokenizer",
     "split_by_subject",
     "templates_up_to",
+    "world_noise",
     "world_retriever",
 ]

@@ -503,8 +503,14 @@ def world_retriever(
     """The retriever a built world is meant to be searched with: BM25 over its corpus, wrapped in
     the :class:`~atpo_jax.tools.NoisyRetriever` its manifest records (``world.retrieval``), if any."""
     base = LocalBM25Retriever(files.corpus, index_dir=index_dir)
+    return _with_noise(base, *world_noise(files))
+
+
+def world_noise(files: SyntheticWorldFiles) -> tuple[float, int]:
+    """The retrieval noise (miss rate, seed) a built world's manifest records (``world.retrieval``);
+    ``(0.0, 0)`` for a world without noise (every easy world: its manifest has no ``world``)."""
     retrieval = read_manifest(files).get("world", {}).get("retrieval", {})
-    return _with_noise(base, float(retrieval.get("miss_rate", 0.0)), int(retrieval.get("seed", 0)))
+    return float(retrieval.get("miss_rate", 0.0)), int(retrieval.get("seed", 0))
 
 
 def answerable_questions(
