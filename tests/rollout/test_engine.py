@@ -386,21 +386,32 @@ def test_bad_inputs_give_clear_errors(model):
         SamplingParams(top_p=0.0)
 
 
-def test_batch_buckets_are_quarter_octaves_above_eight():
-    # Powers of two up to 8, then multiples of an eighth of the next power of two.
-    assert [batch_bucket(r) for r in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
-    assert [batch_bucket(r) for r in (9, 10, 11, 13, 16)] == [10, 10, 12, 14, 16]
-    assert [batch_bucket(r) for r in (17, 33, 46, 65, 100, 129, 184)] == [
-        20,
-        40,
-        48,
+def test_batch_buckets_are_powers_of_two_below_64_rows_then_quarter_octaves():
+    # Powers of two up to 64, then multiples of an eighth of the next power of two.
+    assert [batch_bucket(r) for r in (1, 2, 3, 5, 8, 9, 17, 33, 46, 64)] == [
+        1,
+        2,
+        4,
+        8,
+        8,
+        16,
+        32,
+        64,
+        64,
+        64,
+    ]
+    assert [batch_bucket(r) for r in (65, 81, 100, 128, 129, 184, 250)] == [
         80,
+        96,
         112,
+        128,
         160,
         192,
+        256,
     ]
     rows = np.arange(1, 2049)
     buckets = np.array([batch_bucket(r) for r in rows])
     assert np.all(buckets >= rows) and np.all(np.diff(buckets) >= 0)
-    assert np.max((buckets - rows)[rows > 8] / buckets[rows > 8]) < 0.25
+    assert np.all((buckets[rows <= 64] & (buckets[rows <= 64] - 1)) == 0)  # powers of two
+    assert np.max((buckets - rows)[rows > 64] / buckets[rows > 64]) < 0.25
     assert len(set(buckets[(rows > 256) & (rows <= 512)].tolist())) == 4  # one octave
