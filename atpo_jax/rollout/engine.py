@@ -64,6 +64,7 @@ from atpo_jax.models import (
     init_paged_cache,
     scatter_pages,
 )
+from atpo_jax.rollout import host_keys
 from atpo_jax.rollout.pages import KVPoolExhausted, PageAllocator
 from atpo_jax.rollout.sampling import SamplingParams, sample_next, sampling_logits
 from atpo_jax.rollout.stop import StopStringMatcher
@@ -107,7 +108,9 @@ class Turn:
 
     Attributes:
       slot: the sequence.
-      key: its PRNG key (the token at sequence position p is drawn with ``fold_in(key, p)``).
+      key: its PRNG key's raw data (``uint32``, [2] for the default Threefry keys; the token at
+        sequence position p is drawn with ``fold_in(key, p)``). :meth:`Engine.start_turn` also
+        takes a typed key and stores its data, so a batch's keys reach the device as one array.
       remaining: tokens it may still generate.
       generation: what it generated so far (its ``finish_reason`` is final once ``done``).
       done: the turn ended (EOS, stop string, budget or cache length).
@@ -116,7 +119,7 @@ class Turn:
     """
 
     slot: int
-    key: jax.Array
+    key: np.ndarray
     remaining: int
     generation: Generation = dataclasses.field(
         default_factory=lambda: Generation([], [], [], FINISH_LENGTH)
@@ -227,6 +230,7 @@ def _decode_program(
     [B, steps, k] and their ids [B, steps, k]) with k = ``top_logprobs`` (0: empty arrays).
     """
     model = nnx.merge(graphdef, state)
+    keys = jax.random.wrap_key_data(keys)
     batch = table.shape[0]
     local = gather_pages(cache, table, lengths)
     max_len = local.max_len
@@ -809,7 +813,7 @@ class Engine:
         """A :class:`Turn` that generates up to ``budget`` tokens on ``slot`` with ``key``."""
         if not self._sequence(slot):
             raise ValueError(f"generate: slot {slot} is empty; prefill it first")
-        turn = Turn(slot=int(slot), key=key, remaining=int(budget))
+        turn = Turn(slot=int(slot), key=host_keys.key_data(key), remaining=int(budget))
         turn.done = turn.remaining <= 0 or len(self._seqs[slot]) >= self.max_len
         return turn
 
@@ -876,7 +880,9 @@ class Engine:
         budget = np.zeros((batch,), np.int32)
         is_active = np.zeros((batch,), bool)
         stop_state = np.zeros((batch,), np.int32)
-        keys = [t.key for t in batch_rows] + [batch_rows[0].key] * (batch - len(batch_rows))
+        keys = np.empty((batch, batch_rows[0].key.shape[0]), np.uint32)
+        keys[: len(batch_rows)] = [t.key for t in batch_rows]
+        keys[len(batch_rows) :] = batch_rows[0].key
         for i, turn in enumerate(batch_rows):
             pending[i] = self._seqs[turn.slot][-1]
             budget[i] = turn.remaining
@@ -903,7 +909,7 @@ class Engine:
             jnp.asarray(pending),
             jnp.asarray(is_active),
             jnp.asarray(budget),
-            jnp.stack(keys),
+            keys,
             self._eos,
             self._stop_table if has_stops else None,
             self._stop_accepts if has_stops else None,
@@ -985,15 +991,16 @@ class Engine:
 
     # ------------------------------------------------------------------ buckets
 
-    def _slot_keys(self, rng: jax.Array, count: int) -> list[jax.Array]:
+    def _slot_keys(self, rng: jax.Array, count: int) -> list[np.ndarray]:
         rng = jnp.asarray(rng)
         typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
         single = rng.ndim == (0 if typed else 1)
+        data = np.asarray(jax.random.key_data(rng), np.uint32)
         if single:
-            return [jax.random.fold_in(rng, i) for i in range(count)]
+            return [host_keys.fold_in(data, i) for i in range(count)]
         if rng.shape[0] != count:
             raise ValueError(f"generate: got {rng.shape[0]} keys for {count} slots")
-        return list(rng)
+        return list(data)
 
     def _batch_bucket(self, rows: int) -> int:
         return min(batch_bucket(rows), max(self.num_slots, rows))

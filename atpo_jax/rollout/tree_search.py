@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from atpo_jax import kernels
-from atpo_jax.rollout import aepo, turn_rules
+from atpo_jax.rollout import aepo, host_keys, turn_rules
 from atpo_jax.rollout.engine import Engine, EngineCounters, Generation, Turn
 from atpo_jax.rollout.pack import (
     NodeOrder,
@@ -124,6 +124,7 @@ class TreeSearch:
         self.toolbox = toolbox
         self.settings = settings
         self.seed = seed
+        self._root_key: tuple[int | None, np.ndarray | None] = (None, None)
         self.tool_timeout_s = tool_timeout_s
         self.eos_token_id = int(eos_token_id)
         self._encode_cache: dict[str, list[int]] = {}
@@ -196,20 +197,21 @@ class TreeSearch:
 
     # ------------------------------------------------------------------ keys
 
-    def _tree_key(self, step: int, tree: Tree) -> jax.Array:
-        key = jax.random.fold_in(jax.random.key(self.seed), step)
-        return jax.random.fold_in(key, tree.tree_id)
+    def _tree_key(self, step: int, tree: Tree) -> np.ndarray:
+        """The tree's key data ([2] uint32: ``fold_in(fold_in(key(seed), step), tree_id)``),
+        derived on the host (:mod:`atpo_jax.rollout.host_keys`)."""
+        if self._root_key[0] != self.seed:
+            self._root_key = (self.seed, host_keys.key_data(jax.random.key(self.seed)))
+        return host_keys.fold_in_path(self._root_key[1], step, tree.tree_id)
 
-    def node_key(self, step: int, tree: Tree, node: Node) -> jax.Array:
-        return jax.random.fold_in(self._tree_key(step, tree), node.index)
+    def node_key(self, step: int, tree: Tree, node: Node) -> np.ndarray:
+        return host_keys.fold_in(self._tree_key(step, tree), node.index)
 
     def tree_rng(self, step: int, tree: Tree, purpose: str, round_: int = 0) -> np.random.Generator:
         """A NumPy generator for host-side choices (random expansion, pruning) of one tree."""
         salt = {"expand": 1, "prune": 2, "branch": 3}[purpose]
-        key = jax.random.fold_in(
-            jax.random.fold_in(self._tree_key(step, tree), 2**31 - salt), round_
-        )
-        return np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
+        key = host_keys.fold_in_path(self._tree_key(step, tree), 2**31 - salt, round_)
+        return np.random.default_rng(key.tolist())
 
     def encode(self, text: str) -> list[int]:
         if text not in self._encode_cache:
@@ -384,7 +386,7 @@ class _Scheduler:
 
     def _new_chain(self, run: _TreeRun, node: Node, ordinal: int) -> _Chain:
         tree_key = self.search._tree_key(self.step, run.tree)
-        base = jax.random.fold_in(jax.random.fold_in(tree_key, run.phase), ordinal)
+        base = host_keys.fold_in_path(tree_key, run.phase, ordinal)
         chain = _Chain(run.tree, node, run.take_slot(), run=run, ordinal=ordinal, base_key=base)
         self.slot_of[id(node)] = chain.slot
         run.order[id(node)] = (0, ordinal)
@@ -414,7 +416,7 @@ class _Scheduler:
     def _ready(self, chain: _Chain) -> None:
         """The chain generates its node's (next piece of) turn."""
         node = chain.node
-        key = jax.random.fold_in(chain.base_key, chain.turn_index)
+        key = host_keys.fold_in(chain.base_key, chain.turn_index)
         budget = self.settings.max_response_len - node.end
         chain.turn = self.engine.start_turn(chain.slot, budget, key)
         chain.state = _State.READY
