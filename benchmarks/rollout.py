@@ -416,7 +416,7 @@ def _old_source(commit: str, keep: str | None) -> str:
 
 def _child(args, engine: str, source: str, **overrides) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--engine", engine]
-    settings = dict(vars(args), pool=0.0, rejoin=1, **overrides)
+    settings = {**vars(args), "pool": 0.0, "rejoin": 1, **overrides}
     for key in (
         "prompts",
         "response",
