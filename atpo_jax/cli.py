@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
 import sys
 
@@ -44,14 +47,26 @@ def unknown_override_message(error: BaseException, argv: list[str]) -> str:
     return f"{message}; the settings and their defaults are in the config file (e.g. configs/search_qa.py)"
 
 
-def fail(kind: str, error: BaseException, code: int = 2) -> None:
+def fail(kind: str, error: BaseException, code: int = 2, *, immediate: bool = True) -> None:
     """Prints ``<kind>: <error>`` as one line on stderr and exits with ``code``.
 
-    A failed orbax/tensorstore read leaves callbacks for its asyncio loop that fire when the
+    A failed orbax/tensorstore read leaves callbacks for its asyncio loop that fire while the
     interpreter shuts the loop down ("RuntimeError: Event loop is closed", one traceback each):
-    noise after an error already reported, so they are dropped on this way out.
+    noise after an error already reported. Late in finalisation they bypass ``sys.unraisablehook``
+    (the ``sys`` module is already torn down), so filtering them is not enough: with
+    ``immediate`` (the default, for errors found before any work is in flight: settings,
+    checkpoints to read, the distributed setup) the streams and log handlers are flushed and the
+    process ends with ``os._exit``, skipping the finalisation those callbacks fire in. With
+    ``immediate=False`` (an error after work started, whose shutdown may still finish an async
+    save) the interpreter exits normally and only the unraisable-hook filter applies.
     """
     print(f"{kind}: {error}", file=sys.stderr)
+    if immediate:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
+                stream.flush()
+        logging.shutdown()
+        os._exit(code)
     default_hook = sys.unraisablehook
 
     def quiet(unraisable) -> None:

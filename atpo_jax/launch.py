@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
     except CheckpointError as e:
         fail("checkpoint error", e)
     except NonFiniteError as e:
-        fail("training stopped", e, code=1)
+        fail("training stopped", e, code=1, immediate=False)
     if results and parallel.is_main_process():
         print(f"\nHeld-out evaluation after {trainer.step} steps (workdir {workdir}):")
         print(markdown_table(results))

@@ -47,3 +47,22 @@ def test_unwritable_workdir_and_near_miss_key_through_the_launcher(child_env, tm
     )
     assert out.returncode == 2
     assert "did you mean --config.train.steps?" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_fail_prints_one_line_flushes_and_exits_with_the_code():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from atpo_jax.cli import fail\n"
+        "print('buffered output before the error', end='')\n"
+        "fail('checkpoint error', ValueError('step 4 cannot be read'))\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stdout == "buffered output before the error"
+    assert done.stderr.strip().splitlines() == ["checkpoint error: step 4 cannot be read"]
