@@ -47,18 +47,43 @@ def unknown_override_message(error: BaseException, argv: list[str]) -> str:
     return f"{message}; the settings and their defaults are in the config file (e.g. configs/search_qa.py)"
 
 
+def _is_closed_loop_noise(unraisable) -> bool:
+    value = unraisable.exc_value
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def quiet_closed_event_loop() -> None:
+    """Drops "RuntimeError: Event loop is closed" unraisable exceptions; passes on all others.
+
+    When orbax fails to restore a checkpoint (damaged files: an error we report in one line), the
+    event loop of its restore is closed while tensorstore reads it started are still completing;
+    their completion callbacks then call ``loop.call_soon_threadsafe`` on the closed loop from
+    tensorstore's threads, and Python prints each resulting exception through
+    ``sys.unraisablehook`` as a bare traceback, at any moment after the failure. It is noise (the
+    read already failed and was reported), so the command-line entry points install this filter
+    before they touch a checkpoint. Installing it twice is a no-op.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_noise", False):
+        return
+
+    def quiet(unraisable) -> None:
+        if not _is_closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    quiet._drops_closed_loop_noise = True
+    sys.unraisablehook = quiet
+
+
 def fail(kind: str, error: BaseException, code: int = 2, *, immediate: bool = True) -> None:
     """Prints ``<kind>: <error>`` as one line on stderr and exits with ``code``.
 
-    A failed orbax/tensorstore read leaves callbacks for its asyncio loop that fire while the
-    interpreter shuts the loop down ("RuntimeError: Event loop is closed", one traceback each):
-    noise after an error already reported. Late in finalisation they bypass ``sys.unraisablehook``
-    (the ``sys`` module is already torn down), so filtering them is not enough: with
-    ``immediate`` (the default, for errors found before any work is in flight: settings,
+    With ``immediate`` (the default, for errors found before any work is in flight: settings,
     checkpoints to read, the distributed setup) the streams and log handlers are flushed and the
-    process ends with ``os._exit``, skipping the finalisation those callbacks fire in. With
+    process ends with ``os._exit``: nothing runs after the reported error (no interpreter
+    finalisation, in which leftover callbacks of a failed orbax read could still fire). With
     ``immediate=False`` (an error after work started, whose shutdown may still finish an async
-    save) the interpreter exits normally and only the unraisable-hook filter applies.
+    save) the interpreter exits normally, with :func:`quiet_closed_event_loop` installed.
     """
     print(f"{kind}: {error}", file=sys.stderr)
     if immediate:
@@ -67,13 +92,5 @@ def fail(kind: str, error: BaseException, code: int = 2, *, immediate: bool = Tr
                 stream.flush()
         logging.shutdown()
         os._exit(code)
-    default_hook = sys.unraisablehook
-
-    def quiet(unraisable) -> None:
-        value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        default_hook(unraisable)
-
-    sys.unraisablehook = quiet
+    quiet_closed_event_loop()
     sys.exit(code)

@@ -39,7 +39,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from atpo_jax.builder import build_run
-from atpo_jax.cli import fail, parse_flags
+from atpo_jax.cli import fail, parse_flags, quiet_closed_event_loop
 from atpo_jax.config import run_settings
 from atpo_jax.data.settings import DataSource
 from atpo_jax.settings import ConfigError
@@ -180,6 +180,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--checkpoint is required (<run>/checkpoints or a Hugging Face dir)")
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("atpo_jax").setLevel(logging.INFO)
+    quiet_closed_event_loop()  # a damaged checkpoint's failed read leaves orbax noise behind
     try:
         results, path = evaluate_checkpoint(
             _CONFIG.value, _CHECKPOINT.value, step=_STEP.value, workdir=_WORKDIR.value

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from atpo_jax import parallel
 from atpo_jax.builder import build_run, default_workdir
-from atpo_jax.cli import fail, parse_flags
+from atpo_jax.cli import fail, parse_flags, quiet_closed_event_loop
 from atpo_jax.config import run_settings
 from atpo_jax.settings import ConfigError
 from atpo_jax.train.checkpointing import CheckpointError
@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax, XLA backends) at WARNING; our own progress messages at INFO.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("atpo_jax").setLevel(logging.INFO)
+    quiet_closed_event_loop()  # a damaged checkpoint's failed read leaves orbax noise behind
     try:
         settings = run_settings(_CONFIG.value)
     except ConfigError as e:

@@ -66,3 +66,21 @@ def test_fail_prints_one_line_flushes_and_exits_with_the_code():
     assert done.returncode == 2
     assert done.stdout == "buffered output before the error"
     assert done.stderr.strip().splitlines() == ["checkpoint error: step 4 cannot be read"]
+
+
+def test_quiet_closed_event_loop_drops_only_that_noise(monkeypatch):
+    import sys
+    import types
+
+    from atpo_jax.cli import quiet_closed_event_loop
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    quiet_closed_event_loop()
+    quiet_closed_event_loop()  # a second install adds nothing
+    noise = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(noise)
+    sys.unraisablehook(other)
+    sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("Event loop is closed")))
+    assert seen == ["something else", "Event loop is closed"]
