@@ -223,3 +223,103 @@ def test_docs_hold_the_same_protocol_as_the_script():
     text = (PATH.parents[1] / "docs" / "ablation.md").read_text()
     block = text[text.index("```text\n") + len("```text\n") :]
     assert block[: block.index("\n```")].strip() == protocol
+
+
+def test_launcher_processes_share_a_compilation_cache_that_keeps_every_program(tmp_path):
+    env = ablation.compilation_cache_env(str(tmp_path / "xla"))
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "xla")
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    assert env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] == "0"
+    assert env["PATH"] == os.environ["PATH"]  # this process's environment otherwise
+    assert ablation.compilation_cache_env(None) == dict(os.environ)  # no cache: unchanged
+    spec = ablation.warm_spec(str(tmp_path / "sweep"), "mixed", 3, [])
+    assert spec.cache_dir == str(tmp_path / "sweep" / "xla_cache")
+
+
+def _finished_run(workdir, marker, *, warm=False):
+    os.makedirs(os.path.join(workdir, "checkpoints", "0"))
+    os.makedirs(os.path.join(workdir, "checkpoints", "20"))
+    os.makedirs(os.path.join(workdir, "tensorboard"))
+    files = {
+        "done": json.dumps(marker),
+        "metrics.jsonl": json.dumps({"step": 20, "eval/em": 0.5}) + "\n",
+        "run.json": "{}",
+        "eval_000020.json": "{}",
+        "run.log.txt": "not archived",
+        os.path.join("checkpoints", "0", "params"): "weights",
+        os.path.join("checkpoints", "20", "params"): "later weights",
+        os.path.join("tensorboard", "events"): "events",
+    }
+    if warm:
+        os.makedirs(os.path.join(workdir, "synthetic"))
+        files[os.path.join("synthetic", "world.json")] = "{}"
+    for name, text in files.items():
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(text)
+
+
+def _tree(directory):
+    return sorted(
+        os.path.relpath(os.path.join(d, f), directory)
+        for d, _, names in os.walk(directory)
+        for f in names
+    )
+
+
+def test_archive_keeps_records_and_the_warm_start_and_restores_only_what_is_missing(tmp_path):
+    root, archive = str(tmp_path / "runs"), str(tmp_path / "archive")
+    warm = ablation.warm_spec(root, "mixed", 0, ["--config.seed=0"])
+    atpo = ablation.variant_spec(root, "mixed", 0, "atpo", ["--config.seed=0"])
+    _finished_run(warm.workdir, warm.marker(), warm=True)
+    _finished_run(atpo.workdir, atpo.marker())
+    ablation.archive_run(warm.workdir, archive)
+    ablation.archive_run(atpo.workdir, archive)
+    assert _tree(os.path.join(archive, "mixed", "seed0_warm")) == [
+        os.path.join("checkpoints", "0", "params"),
+        "done",
+        "eval_000020.json",
+        "metrics.jsonl",
+        "run.json",
+        os.path.join("synthetic", "world.json"),
+    ]
+    # A variant keeps only its records: no checkpoints, no tensorboard, no other files.
+    assert _tree(os.path.join(archive, "mixed", "seed0_atpo")) == [
+        "done",
+        "eval_000020.json",
+        "metrics.jsonl",
+        "run.json",
+    ]
+    with open(os.path.join(archive, "mixed", "equal_tokens.json"), "w") as f:
+        json.dump({"chains": 6}, f)
+
+    # A new checkout: everything is restored, the sweep plan skips both runs and the report's
+    # metrics read back.
+    fresh = str(tmp_path / "fresh")
+    restored = ablation.restore_archive(archive, fresh, "mixed")
+    assert [os.path.basename(d) for d in restored] == ["seed0_atpo", "seed0_warm"]
+    for spec in (warm, atpo):
+        moved = ablation.RunSpec(
+            spec.world,
+            spec.seed,
+            spec.variant,
+            spec.workdir.replace(root, fresh),
+            spec.config,
+            spec.flags,
+        )
+        assert ablation.plan_action(moved) == "skip"
+    assert ablation.read_run_metrics(os.path.join(fresh, "mixed", "seed0_atpo"))[0] == {
+        20: {"step": 20, "eval/em": 0.5}
+    }
+    assert os.path.exists(os.path.join(fresh, "mixed", "seed0_warm", "checkpoints", "0", "params"))
+    with open(os.path.join(fresh, "mixed", "equal_tokens.json")) as f:
+        assert json.load(f) == {"chains": 6}
+
+    # A run the checkout has finished itself is not overwritten; a missing one is.
+    with open(os.path.join(fresh, "mixed", "seed0_atpo", "metrics.jsonl"), "w") as f:
+        f.write("local\n")
+    ablation.shutil.rmtree(os.path.join(fresh, "mixed", "seed0_warm"))
+    restored = ablation.restore_archive(archive, fresh, "mixed")
+    assert [os.path.basename(d) for d in restored] == ["seed0_warm"]
+    with open(os.path.join(fresh, "mixed", "seed0_atpo", "metrics.jsonl")) as f:
+        assert f.read() == "local\n"
+    assert ablation.restore_archive(archive, fresh, "easy") == []
