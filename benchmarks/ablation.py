@@ -63,6 +63,9 @@ starts first, then the variants of comparison 1, then grpo_chain_tokens). A run 
 ``done`` marker (its flags) and is skipped; a run that stopped part way is continued with ``--resume``
 from its newest checkpoint; a marker whose flags differ from this sweep's stops the script (use
 another ``--workdir``). ``--report-only`` launches nothing and reports what is there.
+``--archive DIR`` copies each finished run's records (a warm start's step-0 checkpoint and world
+too) to ``DIR/<world>`` and restores from there what the workdir lacks: commit it to continue a
+sweep in another checkout. All runs share JAX's compilation cache in ``<workdir>/xla_cache``.
 """
 
 from __future__ import annotations
