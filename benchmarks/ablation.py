@@ -55,7 +55,7 @@ reported with its results (docs/ablation.md, "History"), not only the last one.
 Usage
 -----
 
-``python benchmarks/ablation.py --world mixed --seeds 0 1 2 3 4 --jobs 2 [--out R.json] [--plot P.png]``
+``python benchmarks/ablation.py --world mixed --seeds 0 1 2 3 4 [--jobs N] [--archive DIR] [--out R.json] [--plot P.png]``
 
 Runs go to ``<workdir>/<world>/seed<S>_<variant>`` (``seed<S>_warm``: the warm start); each run's
 launcher output goes to ``<run>.log``. ``--jobs N`` runs up to N launcher processes at once (the warm
