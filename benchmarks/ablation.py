@@ -336,20 +336,13 @@ def plan_action(spec: RunSpec) -> str:
 def execute(spec: RunSpec, action: str, warm_dir: str | None) -> float:
     """Runs ``spec`` (``start`` or ``resume``); writes its ``done`` marker; returns its seconds."""
     start = time.perf_counter()
+    if action not in ("start", "resume"):
+        raise ValueError(f"cannot execute action {action!r}")
     if action == "start":
         shutil.rmtree(spec.workdir, ignore_errors=True)
         if os.path.exists(spec.log):
             os.remove(spec.log)
-        if spec.variant == WARM:
-            launch(
-                spec.workdir,
-                spec.flags,
-                False,
-                config=spec.config,
-                log=spec.log,
-                cache_dir=spec.cache_dir,
-            )
-        else:
+        if spec.variant != WARM:  # a variant starts as a resume of a copy of its warm start
             os.makedirs(os.path.join(spec.workdir, "checkpoints"))
             shutil.copytree(
                 os.path.join(warm_dir, "checkpoints", "0"),
@@ -358,25 +351,10 @@ def execute(spec: RunSpec, action: str, warm_dir: str | None) -> float:
             shutil.copytree(
                 os.path.join(warm_dir, "synthetic"), os.path.join(spec.workdir, "synthetic")
             )
-            launch(
-                spec.workdir,
-                spec.flags,
-                True,
-                config=spec.config,
-                log=spec.log,
-                cache_dir=spec.cache_dir,
-            )
-    elif action == "resume":
-        launch(
-            spec.workdir,
-            spec.flags,
-            True,
-            config=spec.config,
-            log=spec.log,
-            cache_dir=spec.cache_dir,
-        )
-    else:
-        raise ValueError(f"cannot execute action {action!r}")
+    resume = spec.variant != WARM or action == "resume"
+    launch(
+        spec.workdir, spec.flags, resume, config=spec.config, log=spec.log, cache_dir=spec.cache_dir
+    )
     with open(os.path.join(spec.workdir, "done"), "w") as f:
         json.dump(spec.marker(), f)
     return time.perf_counter() - start
