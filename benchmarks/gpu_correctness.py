@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import sys
 
@@ -25,8 +26,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import make_loss_inputs, make_trees  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, loaded from its path under ``atpo_benchmarks_<name>``.
+
+    Why not ``import kernels``: a bare name looks in ``sys.modules`` first, and an installed package
+    of the same name wins there once anything imported it (Hugging Face's ``kernels``, which
+    transformers imports where it is installed, took ``kernels`` in CI's clean install).
+    """
+    module_name = f"atpo_benchmarks_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before exec: its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_kernel_benchmark = load_benchmark("kernels")
+make_loss_inputs, make_trees = _kernel_benchmark.make_loss_inputs, _kernel_benchmark.make_trees
 
 from atpo_jax import kernels, models  # noqa: E402
 from atpo_jax.models.attention import causal_attention  # noqa: E402

@@ -8,11 +8,13 @@ one core, so two processes finish in about half the wall time of one on a 2-core
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -214,6 +216,26 @@ def test_budget_stops_new_sections(gpu_check_module, tmp_path, monkeypatch):
     assert [s["status"] for s in report["sections"]] == ["not_run"] * len(SECTIONS)
     assert all(s["reason"].startswith("time budget: ") for s in report["sections"])
     assert "time budget" in (tmp_path / "gpu_report.md").read_text()
+
+
+def test_an_installed_kernels_package_does_not_shadow_the_benchmark(monkeypatch, tmp_path):
+    """CI's clean install had Hugging Face's ``kernels`` package, imported by transformers before
+    this file's tests ran: ``from kernels import make_loss_inputs`` then found that module in
+    ``sys.modules`` instead of ``benchmarks/kernels.py``."""
+    monkeypatch.setitem(sys.modules, "kernels", types.ModuleType("kernels"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    for name in ("gpu_correctness", "gpu_speed", "atpo_benchmarks_kernels"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import gpu_correctness
+    import gpu_speed
+
+    assert gpu_speed.make_loss_inputs.__module__ == "atpo_benchmarks_kernels"
+    assert (
+        pathlib.Path(inspect.getfile(gpu_correctness.make_trees))
+        == ROOT / "benchmarks" / "kernels.py"
+    )
+    for name in ("gpu_correctness", "gpu_speed", "atpo_benchmarks_kernels"):
+        sys.modules.pop(name, None)
 
 
 def test_unknown_section_is_one_clear_error(tmp_path):
